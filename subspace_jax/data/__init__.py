@@ -1,0 +1,1 @@
+"""Offline, deterministic datasets built from what is on disk."""

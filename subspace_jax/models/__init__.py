@@ -1,0 +1,1 @@
+"""Reference Flax NNX models built from :class:`subspace_jax.nn.Linear`."""

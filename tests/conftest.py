@@ -1,0 +1,20 @@
+"""Test configuration shared by every test module.
+
+Four forced CPU devices (for sharding tests), strict dtype promotion (a silent
+float32/bfloat16 mix is a bug), and fixed seeds through ``jax.random.key(n)``.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+@pytest.fixture
+def key():
+    """A fixed PRNG key; tests split it as they need."""
+    return jax.random.key(0)
