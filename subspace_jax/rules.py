@@ -1,0 +1,316 @@
+"""Path rules: select the leaves of a parameter tree by regexes on their paths.
+
+A leaf's path is its key path joined by ``/``, e.g. ``encoder/layers/3/mlp/up/kernel``
+(NNX state), ``params/Dense_0/kernel`` (linen variables) or ``blocks/0/attn/q/kernel``
+(a pure dict). Rules are ordered; each rule's ``pattern`` is matched with
+``re.fullmatch`` and the **first** matching rule claims the leaf. A rule that
+claims nothing is an error (a typo in a regex must not silently train the wrong
+model) unless the rule is ``optional`` or the call says ``allow_unused=True``.
+
+The same functions work on an ``nnx.State`` (leaves are the ``nnx.Variable``
+values; the Variable wrappers are kept), a pure nested dict / list, and a linen
+variables dict (``FrozenDict`` included). Kernel forms are treated as single
+leaves, so rules can select already-transformed kernels too.
+
+Method modules subclass :class:`Rule` to add their settings (rank, eps, ...) and
+call :func:`apply` with a function that rewrites one selected leaf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from subspace_jax import forms
+
+__all__ = ["Rule", "Match", "Selection", "select", "apply", "leaf_paths", "keypath_str"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """One selection rule. Subclass it to attach method settings.
+
+    Attributes:
+        pattern: regex fully matched (``re.fullmatch``) against the ``/``-joined path.
+        skip: claim the matching leaves but leave them untouched (an exclusion
+            placed before broader rules, e.g. ``Rule(pattern='.*head.*', skip=True)``).
+        optional: matching nothing is not an error for this rule.
+
+    Examples:
+        >>> from subspace_jax import rules
+        >>> r = rules.Rule(pattern=r".*/mlp/(up|down)/kernel")
+        >>> r.matches("blocks/0/mlp/up/kernel"), r.matches("blocks/0/attn/q/kernel")
+        (True, False)
+    """
+
+    # --- keys that match ---
+    # Regex for re.fullmatch against the '/'-joined key path of a leaf.
+    pattern: str
+    # --- behaviour ---
+    # Claim matching leaves but keep them as they are.
+    skip: bool = False
+    # Do not raise when this rule matches nothing.
+    optional: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"Rule.pattern must be a str regex, got {type(self.pattern).__name__}")
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"Rule.pattern {self.pattern!r} is not a valid regex: {e}") from None
+
+    def matches(self, path: str) -> bool:
+        """Whether ``pattern`` fully matches ``path``."""
+        return re.fullmatch(self.pattern, path) is not None
+
+    def describe(self) -> str:
+        """One-line description of what happens to a claimed leaf (for tables)."""
+        if self.skip:
+            return "keep (skip rule)"
+        if type(self) is Rule:
+            return "select"
+        fields = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if f.name not in ("pattern", "skip", "optional")
+        ]
+        return f"{type(self).__name__}({', '.join(fields)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """A leaf of the tree and the rule that claimed it (``None``: no rule)."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    rule_index: int | None
+    rule: Rule | None
+
+    @property
+    def selected(self) -> bool:
+        """Claimed by a rule that is not a skip rule."""
+        return self.rule is not None and not self.rule.skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The result of matching rules against a tree.
+
+    Attributes:
+        matches: one :class:`Match` per leaf, in tree order.
+        rules: the rules, in order.
+        counts: number of leaves each rule claimed.
+        shadowed: for each rule, the number of leaves it matched that an earlier rule had claimed.
+    """
+
+    matches: tuple[Match, ...]
+    rules: tuple[Rule, ...]
+    counts: tuple[int, ...]
+    shadowed: tuple[int, ...]
+
+    @property
+    def selected(self) -> tuple[Match, ...]:
+        """Matches claimed by a non-skip rule: the leaves a transform will rewrite."""
+        return tuple(m for m in self.matches if m.selected)
+
+    @property
+    def unused(self) -> tuple[Rule, ...]:
+        """Rules that claimed no leaf."""
+        return tuple(r for r, n in zip(self.rules, self.counts) if n == 0)
+
+    def table(self, *, all_leaves: bool = False) -> str:
+        """A text table: path, shape, dtype and what will happen, one row per leaf.
+
+        Args:
+            all_leaves: include leaves no rule claimed (shown as ``unchanged``).
+        """
+        rows = [
+            (m.path, str(m.shape), m.dtype, m.rule.describe() if m.rule else "unchanged")
+            for m in self.matches
+            if all_leaves or m.rule is not None
+        ]
+        head = ("path", "shape", "dtype", "action")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def keypath_str(keypath: Sequence[Any]) -> str:
+    """Join a JAX key path (or a tuple of plain keys) with ``/``.
+
+    Examples:
+        >>> import jax
+        >>> from subspace_jax import rules
+        >>> (kp, _), = jax.tree_util.tree_leaves_with_path({"a": [None, {"w": 1}]})
+        >>> rules.keypath_str(kp)
+        'a/1/w'
+    """
+    parts = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, nnx.Variable) or forms.is_form(x)
+
+
+def _unwrap(x: Any) -> Any:
+    return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def leaf_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+    """Flatten a tree into ``(path, leaf)`` pairs and the treedef to rebuild it.
+
+    ``nnx.Variable`` wrappers and kernel forms count as single leaves; the
+    returned leaf is the Variable itself (use its value) or the form.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import rules
+        >>> pairs, _ = rules.leaf_paths({"l1": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}})
+        >>> [p for p, _ in pairs]
+        ['l1/bias', 'l1/kernel']
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+    return [(keypath_str(kp), leaf) for kp, leaf in flat], treedef
+
+
+def _normalize(rules: Rule | Sequence[Rule]) -> tuple[Rule, ...]:
+    rules = (rules,) if isinstance(rules, Rule) else tuple(rules)
+    for i, r in enumerate(rules):
+        if not isinstance(r, Rule):
+            raise TypeError(f"rule #{i} must be a subspace_jax.rules.Rule, got {r!r}")
+    return rules
+
+
+def _shape_dtype(value: Any) -> tuple[tuple[int, ...], str]:
+    shape = tuple(int(d) for d in getattr(value, "shape", ()))
+    dtype = getattr(value, "dtype", None)
+    return shape, (str(dtype) if dtype is not None else type(value).__name__)
+
+
+def select(tree: Any, rules: Rule | Sequence[Rule], *, allow_unused: bool = False) -> Selection:
+    """Match ordered rules against every leaf path of ``tree`` (first match wins).
+
+    Args:
+        tree: an ``nnx.State``, a nested dict/list of arrays, or linen variables.
+        rules: one :class:`Rule` or an ordered sequence of them.
+        allow_unused: do not raise for rules that claim nothing.
+
+    Returns:
+        A :class:`Selection`; ``print(selection)`` shows the table.
+
+    Raises:
+        ValueError: a non-optional rule claimed no leaf (the message names the
+            rule, says whether earlier rules shadowed it, and lists known paths).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import rules
+        >>> params = {"up": {"kernel": jnp.ones((4, 8))}, "down": {"kernel": jnp.ones((8, 4))}}
+        >>> sel = rules.select(params, [rules.Rule(pattern="up/kernel")])
+        >>> [m.path for m in sel.selected]
+        ['up/kernel']
+        >>> rules.select(params, [rules.Rule(pattern="mlp/.*")])
+        Traceback (most recent call last):
+        ...
+        ValueError: rule #0 Rule(pattern='mlp/.*', ...) matched no path...
+    """
+    rules = _normalize(rules)
+    pairs, _ = leaf_paths(tree)
+    counts, shadowed, matches = [0] * len(rules), [0] * len(rules), []
+    for path, leaf in pairs:
+        hits = [i for i, r in enumerate(rules) if r.matches(path)]
+        for i in hits[1:]:
+            shadowed[i] += 1
+        if hits:
+            counts[hits[0]] += 1
+        idx = hits[0] if hits else None
+        shape, dtype = _shape_dtype(_unwrap(leaf))
+        matches.append(Match(path, shape, dtype, idx, rules[idx] if hits else None))
+    sel = Selection(tuple(matches), rules, tuple(counts), tuple(shadowed))
+    if not allow_unused:
+        _raise_unused(sel, [p for p, _ in pairs])
+    return sel
+
+
+def _raise_unused(sel: Selection, paths: list[str]) -> None:
+    for i, (rule, n) in enumerate(zip(sel.rules, sel.counts)):
+        if n or rule.optional:
+            continue
+        why = (
+            f" (it matched {sel.shadowed[i]} path(s) that earlier rules claimed first)"
+            if sel.shadowed[i]
+            else ""
+        )
+        shown = "\n  ".join(paths[:40]) + ("\n  ..." if len(paths) > 40 else "")
+        raise ValueError(
+            f"rule #{i} {rule!r} matched no path{why}; patterns are fully matched against "
+            f"'/'-joined paths. The tree has {len(paths)} leaves:\n  {shown}"
+        )
+
+
+def apply(
+    tree: Any,
+    rules: Rule | Sequence[Rule],
+    fn: Callable[[str, Any, Rule], Any],
+    *,
+    allow_unused: bool = False,
+) -> Any:
+    """Rewrite the leaves selected by ``rules`` with ``fn(path, value, rule)``.
+
+    The result has the same kind and structure as ``tree``; Variables keep their
+    type and metadata with the new value; unselected leaves are the same objects.
+    A ``ValueError`` or ``TypeError`` raised by ``fn`` is re-raised with the path.
+
+    Args:
+        tree: an ``nnx.State``, a nested dict/list, or linen variables.
+        rules: one :class:`Rule` or an ordered sequence of them.
+        fn: called once per selected leaf with its path, its value (unwrapped
+            from any ``nnx.Variable``) and the rule that claimed it.
+        allow_unused: do not raise for rules that claim nothing.
+
+    Returns:
+        The rewritten tree.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import rules
+        >>> params = {"up": {"kernel": jnp.ones((2, 2))}, "down": {"kernel": jnp.ones((2, 2))}}
+        >>> out = rules.apply(params, rules.Rule(pattern="up/.*"), lambda path, x, rule: 2 * x)
+        >>> float(out["up"]["kernel"][0, 0]), float(out["down"]["kernel"][0, 0])
+        (2.0, 1.0)
+    """
+    sel = select(tree, rules, allow_unused=allow_unused)
+    pairs, treedef = leaf_paths(tree)
+    leaves = []
+    for (path, leaf), match in zip(pairs, sel.matches):
+        if match.selected:
+            try:
+                new = fn(path, _unwrap(leaf), match.rule)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"at {path!r} (shape {match.shape}): {e}") from e
+            leaf = leaf.replace(new) if isinstance(leaf, nnx.Variable) else new
+        leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, leaves)

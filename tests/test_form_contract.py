@@ -1,0 +1,143 @@
+"""The contract every kernel form honours, parametrised over all forms.
+
+A new form joins by adding a factory to ``FORMS``: ``factory(key, (in, out), dtype)``
+returns a kernel of that logical shape and dtype whose product is not trivially zero.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from subspace_jax import checkpoint, forms
+
+
+def _dense(key, shape, dtype):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def _low_rank(key, shape, dtype):
+    return forms.LowRank.from_dense(_dense(key, shape, jnp.float32), rank=3, dtype=dtype)
+
+
+FORMS = {"dense": _dense, "low_rank": _low_rank}
+DTYPES = {"float32": (jnp.float32, 1e-5), "bfloat16": (jnp.bfloat16, 3e-2)}
+SHAPE = (16, 12)
+
+
+@pytest.fixture(params=sorted(FORMS))
+def make(request):
+    return FORMS[request.param]
+
+
+def _tol(dtype):
+    return {jnp.dtype(d): tol for d, tol in DTYPES.values()}[jnp.dtype(dtype)]
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_matmul_equals_x_times_materialize(make, dtype):
+    dtype = DTYPES[dtype][0]
+    kernel = make(jax.random.key(0), SHAPE, dtype)
+    x = jax.random.normal(jax.random.key(1), (2, 5, SHAPE[0]), jnp.float32).astype(dtype)
+    got = forms.matmul(x, kernel)
+    want = jnp.matmul(x.astype(jnp.float32), forms.materialize(kernel).astype(jnp.float32))
+    assert got.shape == (2, 5, SHAPE[1])
+    assert got.dtype == jnp.dtype(dtype)
+    assert forms.materialize(kernel).dtype == jnp.dtype(dtype)
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=_tol(dtype) * scale * 4)
+
+
+def test_shape_dtype_nbytes_flops(make):
+    kernel = make(jax.random.key(0), SHAPE, jnp.float32)
+    dense = forms.materialize(kernel)
+    assert dense.shape == SHAPE
+    leaves = jax.tree.leaves(kernel)
+    assert forms.nbytes(kernel) == sum(leaf.nbytes for leaf in leaves)
+    if forms.is_form(kernel):
+        assert kernel.shape == SHAPE and kernel.dtype == jnp.float32
+        assert kernel.bits == 8 * kernel.nbytes
+    assert forms.flops(kernel, tokens=10) == 10 * forms.flops(kernel, tokens=1) > 0
+
+
+def test_jit_does_not_recompile(make):
+    traces = []
+
+    @jax.jit
+    def apply(kernel, x):
+        traces.append(1)
+        return forms.matmul(x, kernel)
+
+    for seed in range(3):
+        kernel = make(jax.random.key(seed), SHAPE, jnp.float32)
+        x = jax.random.normal(jax.random.key(10 + seed), (4, SHAPE[0]))
+        jax.block_until_ready(apply(kernel, x))
+    assert len(traces) == 1
+
+
+def test_eval_shape(make):
+    kernel = make(jax.random.key(0), SHAPE, jnp.float32)
+    abstract = checkpoint.abstract(kernel)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(abstract))
+    x = jax.ShapeDtypeStruct((7, SHAPE[0]), jnp.float32)
+    out = jax.eval_shape(forms.matmul, x, abstract)
+    assert out.shape == (7, SHAPE[1]) and out.dtype == jnp.float32
+    grads = jax.eval_shape(jax.grad(lambda k, x: forms.matmul(x, k).sum()), abstract, x)
+    assert jax.tree.structure(grads) == jax.tree.structure(kernel)
+    assert forms.nbytes(abstract) == forms.nbytes(kernel)
+    if forms.is_form(kernel):
+        assert abstract.shape == SHAPE and abstract.flops(3) == kernel.flops(3)
+
+
+def test_tree_map_grad_and_optax_update(make):
+    kernel = make(jax.random.key(0), SHAPE, jnp.float32)
+    doubled = jax.tree.map(lambda a: 2 * a, kernel)
+    assert type(doubled) is type(kernel)
+    np.testing.assert_allclose(
+        forms.materialize(doubled),
+        forms.materialize(kernel) * (2 if not forms.is_form(kernel) else 4),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    x = jax.random.normal(jax.random.key(1), (32, SHAPE[0]))
+    y = jax.random.normal(jax.random.key(2), (32, SHAPE[1]))
+
+    def loss(k):
+        return jnp.mean((forms.matmul(x, k) - y) ** 2)
+
+    grads = jax.grad(loss)(kernel)
+    assert jax.tree.structure(grads) == jax.tree.structure(kernel)
+    tx = optax.adam(1e-2)
+    state = tx.init(kernel)
+    losses = [float(loss(kernel))]
+    for _ in range(20):
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int and float
+            updates, state = tx.update(jax.grad(loss)(kernel), state, kernel)
+        kernel = optax.apply_updates(kernel, updates)
+        losses.append(float(loss(kernel)))
+    assert type(kernel) is type(make(jax.random.key(0), SHAPE, jnp.float32))
+    print("loss", losses[0], "->", losses[-1])
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_checkpoint_round_trip_exact(make, tmp_path):
+    tree = {"layer": {"kernel": make(jax.random.key(0), SHAPE, jnp.float32), "bias": jnp.ones(12)}}
+    path = checkpoint.save(tmp_path / "ckpt", tree)
+    restored = checkpoint.restore(path, checkpoint.abstract(tree))
+    assert jax.tree.structure(restored) == jax.tree.structure(tree)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sharded_matmul(make):
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    kernel = make(jax.random.key(0), SHAPE, jnp.float32)
+    kernel = jax.device_put(kernel, NamedSharding(mesh, P()))
+    x = jax.random.normal(jax.random.key(1), (8, SHAPE[0]))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    out = jax.jit(forms.matmul)(xs, kernel)
+    assert out.sharding.spec == P("data")
+    np.testing.assert_allclose(out, forms.matmul(x, kernel), rtol=1e-5, atol=1e-5)
