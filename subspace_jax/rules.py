@@ -28,7 +28,16 @@ from flax import nnx
 
 from subspace_jax import forms
 
-__all__ = ["Rule", "Match", "Selection", "select", "apply", "leaf_paths", "keypath_str"]
+__all__ = [
+    "Rule",
+    "Match",
+    "Selection",
+    "select",
+    "apply",
+    "map_with_path",
+    "leaf_paths",
+    "keypath_str",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -303,14 +312,38 @@ def apply(
         (2.0, 1.0)
     """
     sel = select(tree, rules, allow_unused=allow_unused)
+    claimed = {m.path: m for m in sel.matches if m.selected}
+
+    def rewrite(path: str, value: Any) -> Any:
+        if path not in claimed:
+            return value
+        try:
+            return fn(path, value, claimed[path].rule)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"at {path!r} (shape {claimed[path].shape}): {e}") from e
+
+    return map_with_path(rewrite, tree)
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
+    """Map ``fn(path, value)`` over every leaf, keeping ``nnx.Variable`` wrappers.
+
+    Kernel forms and Variable values are passed whole; a Variable keeps its type
+    and metadata with the new value. Leaves for which ``fn`` returns its input
+    unchanged stay the same objects.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import rules
+        >>> rules.map_with_path(lambda path, x: path, {"a": {"b": jnp.ones(2)}})
+        {'a': {'b': 'a/b'}}
+    """
     pairs, treedef = leaf_paths(tree)
     leaves = []
-    for (path, leaf), match in zip(pairs, sel.matches):
-        if match.selected:
-            try:
-                new = fn(path, _unwrap(leaf), match.rule)
-            except (ValueError, TypeError) as e:
-                raise type(e)(f"at {path!r} (shape {match.shape}): {e}") from e
+    for path, leaf in pairs:
+        value = _unwrap(leaf)
+        new = fn(path, value)
+        if new is not value:
             leaf = leaf.replace(new) if isinstance(leaf, nnx.Variable) else new
         leaves.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -4,6 +4,8 @@ A new form joins by adding a factory to ``FORMS``: ``factory(key, (in, out), dty
 returns a kernel of that logical shape and dtype whose product is not trivially zero.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from subspace_jax import checkpoint, forms
+from subspace_jax import checkpoint, forms, lora
 
 
 def _dense(key, shape, dtype):
@@ -22,7 +24,13 @@ def _low_rank(key, shape, dtype):
     return forms.LowRank.from_dense(_dense(key, shape, jnp.float32), rank=3, dtype=dtype)
 
 
-FORMS = {"dense": _dense, "low_rank": _low_rank}
+def _lora(key, shape, dtype):
+    k1, k2 = jax.random.split(key)
+    adapter = lora.LoRA.init(k1, _dense(k2, shape, dtype), rank=3, alpha=6.0)
+    return dataclasses.replace(adapter, b=_dense(key, adapter.b.shape, dtype))  # non-zero update
+
+
+FORMS = {"dense": _dense, "low_rank": _low_rank, "lora": _lora}
 DTYPES = {"float32": (jnp.float32, 1e-5), "bfloat16": (jnp.bfloat16, 3e-2)}
 SHAPE = (16, 12)
 
@@ -91,13 +99,19 @@ def test_eval_shape(make):
         assert abstract.shape == SHAPE and abstract.flops(3) == kernel.flops(3)
 
 
+def _expected_double(kernel):
+    if isinstance(kernel, lora.LoRA):  # w doubles, the product of doubled factors quadruples
+        return 2 * kernel.w + 4 * kernel.scale * kernel.a @ kernel.b
+    return forms.materialize(kernel) * (4 if forms.is_form(kernel) else 2)
+
+
 def test_tree_map_grad_and_optax_update(make):
     kernel = make(jax.random.key(0), SHAPE, jnp.float32)
     doubled = jax.tree.map(lambda a: 2 * a, kernel)
     assert type(doubled) is type(kernel)
     np.testing.assert_allclose(
         forms.materialize(doubled),
-        forms.materialize(kernel) * (2 if not forms.is_form(kernel) else 4),
+        _expected_double(kernel),
         rtol=1e-5,
         atol=1e-5,
     )

@@ -1,0 +1,210 @@
+"""LoRA, the usual efficient fine-tuning baseline every method is compared with.
+
+A :class:`LoRA` kernel form holds the frozen pretrained kernel ``w`` and two
+trainable factors: ``x @ kernel = x @ w + scale * (x @ a) @ b`` with ``b``
+initialised to zero, so the adapted model starts equal to the pretrained one.
+``w`` sits behind ``jax.lax.stop_gradient``: its gradient is an exact zero that
+XLA never computes, so the dense ``dW`` matmul of full fine-tuning disappears.
+Use :func:`trainable_mask` to keep the optimizer off ``w`` (no moments for it).
+
+References:
+    Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from subspace_jax import forms, rules
+
+__all__ = ["LoRA", "LoRARule", "add_lora", "trainable_mask", "freeze"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoRA(forms.KernelForm):
+    """A frozen dense kernel plus a trainable low-rank update ``scale * a @ b``.
+
+    Attributes:
+        w: ``(in, out)`` frozen base kernel.
+        a: ``(in, rank)`` down factor (random init).
+        b: ``(rank, out)`` up factor (zero init).
+        scale: ``alpha / rank`` (static).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import lora
+        >>> k = lora.LoRA.init(jax.random.key(0), jnp.ones((6, 4)), rank=2, alpha=4.0)
+        >>> k.a.shape, k.b.shape, k.scale, bool((k.materialize() == 1).all())
+        ((6, 2), (2, 4), 2.0, True)
+    """
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+    @classmethod
+    def init(cls, key: jax.Array, w: jax.Array, *, rank: int, alpha: float | None = None) -> "LoRA":
+        """Wrap ``w`` with a rank-``rank`` adapter (Kaiming-uniform ``a``, zero ``b``).
+
+        Args:
+            key: PRNG key for ``a``.
+            w: dense ``(in, out)`` kernel.
+            rank: adapter rank, ``1 <= rank <= min(in, out)``.
+            alpha: scaling numerator (``scale = alpha / rank``); default ``rank`` (scale 1).
+
+        Raises:
+            ValueError: for a non-2-D ``w`` or a rank out of range.
+        """
+        if getattr(w, "ndim", None) != 2:
+            raise ValueError(f"expected a 2-D (in, out) kernel, got shape {tuple(jnp.shape(w))}")
+        if not isinstance(rank, int) or not 1 <= rank <= min(w.shape):
+            raise ValueError(f"LoRA rank must be an int in [1, {min(w.shape)}] for {w.shape}, got {rank!r}")
+        bound = (1.0 / w.shape[0]) ** 0.5
+        a = jax.random.uniform(key, (w.shape[0], rank), jnp.float32, -bound, bound).astype(w.dtype)
+        b = jnp.zeros((rank, w.shape[1]), w.dtype)
+        return cls(w=w, a=a, b=b, scale=float(alpha if alpha is not None else rank) / rank)
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.w.shape[0]), int(self.w.shape[1]))
+
+    @property
+    def dtype(self) -> Any:
+        return self.w.dtype
+
+    def materialize(self) -> jax.Array:
+        delta = jnp.matmul(self.a, self.b) * jnp.asarray(self.scale, self.a.dtype)
+        return self.w + delta.astype(self.w.dtype)
+
+    def matmul(self, x: jax.Array, *, dtype: Any = None, precision: Any = None) -> jax.Array:
+        w = jax.lax.stop_gradient(self.w)
+        x, w, a, b = forms._promote((x, w, self.a, self.b), dtype)
+        low = jnp.matmul(jnp.matmul(x, a, precision=precision), b, precision=precision)
+        return jnp.matmul(x, w, precision=precision) + low * jnp.asarray(self.scale, low.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(forms.nbytes(x) for x in (self.w, self.a, self.b))
+
+    def flops(self, tokens: int) -> int:
+        fan_in, fan_out = self.shape
+        return 2 * int(tokens) * (fan_in * fan_out + self.rank * (fan_in + fan_out))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRARule(rules.Rule):
+    """Wrap matched ``(in, out)`` kernels in a :class:`LoRA` adapter.
+
+    Attributes:
+        rank: adapter rank.
+        alpha: scaling numerator (``scale = alpha / rank``); ``None`` means ``rank``.
+
+    Examples:
+        >>> from subspace_jax import lora
+        >>> lora.LoRARule(pattern=".*/attn/(q|v)/kernel", rank=8, alpha=16.0).describe()
+        'LoRARule(rank=8, alpha=16.0)'
+    """
+
+    # --- behaviour ---
+    # Adapter rank.
+    rank: int = 8
+    # Scaling numerator; the update is multiplied by alpha / rank.
+    alpha: float | None = None
+
+
+def add_lora(
+    tree: Any, rules_: rules.Rule | Sequence[rules.Rule], *, key: jax.Array, allow_unused: bool = False
+) -> Any:
+    """Wrap the kernels selected by ``rules_`` in :class:`LoRA` adapters.
+
+    Args:
+        tree: an ``nnx.State``, a nested dict or linen variables.
+        rules_: :class:`LoRARule` objects (and skip rules); first match wins.
+        key: PRNG key; each adapter gets ``fold_in(key, i)`` for its index ``i``.
+        allow_unused: do not raise for rules that match nothing.
+
+    Returns:
+        The tree with :class:`LoRA` leaves; ``transforms.materialize`` merges them back.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import lora
+        >>> params = {"q": {"kernel": jnp.ones((8, 8))}, "o": {"kernel": jnp.ones((8, 8))}}
+        >>> out = lora.add_lora(params, lora.LoRARule(pattern="q/kernel", rank=2), key=jax.random.key(0))
+        >>> type(out["q"]["kernel"]).__name__, type(out["o"]["kernel"]).__name__
+        ('LoRA', 'ArrayImpl')
+    """
+    counter = iter(range(1 << 30))
+
+    def wrap(path: str, kernel: Any, rule: rules.Rule) -> LoRA:
+        if not isinstance(rule, LoRARule):
+            raise TypeError(f"add_lora needs LoRARule rules, got {type(rule).__name__}")
+        return LoRA.init(jax.random.fold_in(key, next(counter)), kernel, rank=rule.rank, alpha=rule.alpha)
+
+    return rules.apply(tree, rules_, wrap, allow_unused=allow_unused)
+
+
+def trainable_mask(tree: Any, *, also: rules.Rule | Sequence[rules.Rule] = ()) -> Any:
+    """A boolean pytree: ``True`` for LoRA factors and leaves matched by ``also``.
+
+    Pass it to :func:`freeze` so the frozen base gets no optimizer state and no
+    update (``optax.masked`` alone would pass the frozen leaves' raw gradients
+    through as updates).
+
+    Args:
+        tree: a tree containing :class:`LoRA` forms.
+        also: rules for other trainable leaves (e.g. a classification head).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import lora
+        >>> params = lora.add_lora({"q": jnp.ones((4, 4)), "head": jnp.ones((4, 2))},
+        ...                        lora.LoRARule(pattern="q", rank=1), key=jax.random.key(0))
+        >>> lora.trainable_mask(params, also=lora.rules.Rule(pattern="head"))
+        {'head': True, 'q': LoRA(w=False, a=True, b=True, scale=1.0)}
+    """
+    extra = rules.select(tree, also) if also else None
+    extra_paths = {m.path for m in extra.selected} if extra else set()
+
+    def label(path: str, leaf: Any) -> Any:
+        if isinstance(leaf, LoRA):
+            return LoRA(w=False, a=True, b=True, scale=leaf.scale)
+        return path in extra_paths
+
+    return rules.map_with_path(label, tree)
+
+
+def freeze(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+    """Run ``tx`` on the leaves where ``mask`` is True; zero updates and no state elsewhere.
+
+    Args:
+        tx: the optimizer for trainable leaves.
+        mask: a boolean pytree with the structure of the parameters, e.g. from
+            :func:`trainable_mask`.
+
+    Returns:
+        An ``optax.GradientTransformation``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from subspace_jax import lora
+        >>> params = {"w": jnp.ones(2), "head": jnp.ones(2)}
+        >>> tx = lora.freeze(optax.sgd(1.0), {"w": False, "head": True})
+        >>> updates, _ = tx.update({"w": jnp.ones(2), "head": jnp.ones(2)}, tx.init(params), params)
+        >>> updates["w"].tolist(), updates["head"].tolist()
+        ([0.0, 0.0], [-1.0, -1.0])
+    """
+    labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
+    return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
