@@ -76,6 +76,13 @@ def restore(directory: str | pathlib.Path, target: Any) -> Any:
     Raises:
         FileNotFoundError: no checkpoint at ``directory``.
         ValueError: the checkpoint's structure or shapes do not match ``target``.
+
+    Examples:
+        >>> import tempfile, jax.numpy as jnp
+        >>> from subspace_jax import checkpoint
+        >>> path = checkpoint.save(tempfile.mkdtemp() + "/ckpt", {"w": jnp.arange(3.0)})
+        >>> checkpoint.restore(path, {"w": jnp.zeros(3)})["w"].tolist()
+        [0.0, 1.0, 2.0]
     """
     path = pathlib.Path(directory).absolute()
     if not path.exists():

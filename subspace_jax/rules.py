@@ -94,7 +94,15 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True)
 class Match:
-    """A leaf of the tree and the rule that claimed it (``None``: no rule)."""
+    """A leaf of the tree and the rule that claimed it.
+
+    Attributes:
+        path: ``/``-joined key path of the leaf.
+        shape: the leaf's shape (``()`` for non-arrays).
+        dtype: the leaf's dtype as a string.
+        rule_index: index of the claiming rule, or ``None``.
+        rule: the claiming rule, or ``None`` when no rule matched.
+    """
 
     path: str
     shape: tuple[int, ...]
