@@ -95,7 +95,8 @@ class MemoryStats:
     ``temp`` moves with donation (XLA reuses non-donated output buffers), so compare
     configurations with the same donation settings. For a sharded program the sizes are
     those of one device's executable. Absolute bytes change with the XLA version: compare
-    configurations within one run.
+    configurations within one run. ``generated_code`` is the executable's code size
+    (0 on CPU).
     """
 
     argument: int
@@ -178,7 +179,7 @@ class Residual:
 
 @dataclasses.dataclass(frozen=True)
 class Residuals:
-    """The residuals of one VJP. ``nbytes`` sums all of them; ``nbytes_excluding_arguments``
+    """The residuals of one VJP (``items``). ``nbytes`` sums all of them; ``nbytes_excluding_arguments``
     leaves out arguments and closed-over constants (``Residual.is_input``), which are live
     anyway, so it is the extra memory that the forward pass keeps for the backward pass."""
 
@@ -564,7 +565,13 @@ def tree_nbytes(tree: Any) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class GradReport:
-    """Memory and FLOPs of ``jax.value_and_grad(loss)``, and the residuals of ``loss``."""
+    """Memory and FLOPs of ``jax.value_and_grad(loss)``, and the residuals of ``loss``.
+
+    Attributes:
+        memory: compiled memory of the gradient computation.
+        residuals: arrays the forward pass saves for the backward pass.
+        flops: FLOPs of the gradient computation.
+    """
 
     memory: MemoryStats
     residuals: Residuals

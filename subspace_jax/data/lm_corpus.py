@@ -299,7 +299,12 @@ def lm_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def num_lm_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, epochs: int = 1) -> int:
-    """How many ``(B, T + 1)`` batches :func:`lm_batches` yields."""
+    """How many ``(B, T + 1)`` batches :func:`lm_batches` yields.
+
+    Examples:
+        >>> num_lm_batches(np.arange(100, dtype=np.int32), batch_size=2, seq_len=9)
+        5
+    """
     return batching.num_batches(lm_windows(tokens, seq_len), batch_size, epochs=epochs)
 
 
@@ -331,7 +336,13 @@ def lm_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int,
 
 
 def inputs_targets(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``(B, T + 1)`` windows into inputs ``[:, :-1]`` and next-token targets ``[:, 1:]``."""
+    """Split ``(B, T + 1)`` windows into inputs ``[:, :-1]`` and next-token targets ``[:, 1:]``.
+
+    Examples:
+        >>> x, y = inputs_targets(np.array([[1, 2, 3], [4, 5, 6]]))
+        >>> x.tolist(), y.tolist()
+        ([[1, 2], [4, 5]], [[2, 3], [5, 6]])
+    """
     return windows[:, :-1], windows[:, 1:]
 
 

