@@ -6,7 +6,6 @@ comparison runs only where torch and transformers are installed.
 """
 
 import dataclasses
-import doctest
 import functools
 import json
 import os
@@ -311,8 +310,3 @@ def test_left_abstract_variable_is_an_error(tiny):
     model.extra = nnx.Param(jax.ShapeDtypeStruct((2,), jnp.float32))
     with pytest.raises(ValueError, match="unfilled.*extra"):
         bert.load_state_from_safetensors(model, _to_hf(tiny))
-
-
-def test_doctests():
-    result = doctest.testmod(bert, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 10 and result.failed == 0

@@ -1,6 +1,5 @@
 """Numerical tests for subspace_jax.linalg: exactness, optimality, convergence and errors."""
 
-import doctest
 import math
 
 import jax
@@ -436,10 +435,3 @@ def test_host_side_functions_reject_tracers_and_bad_types():
         linalg.truncated_svd(M, 2.0)
     with pytest.raises(TypeError, match="eps must be a Python float"):
         linalg.energy_rank(M[0], "0.5")
-
-
-def test_doctests():
-    result = doctest.testmod(subspace_jax.linalg,
-                             optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 30
-    assert result.failed == 0

@@ -1,7 +1,6 @@
 """Tests for the reference Llama: causality, RoPE, GQA, parameter counts, dtypes, training."""
 
 import dataclasses
-import doctest
 import functools
 import math
 import re
@@ -204,9 +203,3 @@ def test_overfits_repeated_sequence():
           f"log(V) = {log_v:.3f}")
     assert abs(losses[0] - log_v) < 1.0
     assert losses[-1] < 0.3 * log_v
-
-
-def test_doctests():
-    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-    result = doctest.testmod(llama, optionflags=flags)
-    assert result.attempted > 0 and result.failed == 0

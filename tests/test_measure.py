@@ -1,7 +1,6 @@
 """Tests of subspace_jax.measure: memory, residuals, FLOPs, timing, bytes, doctests."""
 
 import dataclasses
-import doctest
 import math
 import os
 
@@ -313,8 +312,3 @@ def test_report_bundles_grad_step():
     assert r.flops.matmul == flops(jax.value_and_grad(_mlp_loss), params, x).matmul
     assert not any(i.source.startswith("from the argument x") for i in r.residuals.items)
     assert len(r.table().splitlines()) == 3
-
-
-def test_doctests():
-    result = doctest.testmod(measure, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

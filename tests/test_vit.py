@@ -1,6 +1,5 @@
 """Tests for the reference ViT: shapes, jit, Linear types, paths, dtypes, training."""
 
-import doctest
 
 import jax
 import jax.numpy as jnp
@@ -163,9 +162,3 @@ def test_adam_overfits_32_examples(model):
         losses.append(float(loss))
     print(f"ViT digits-shaped overfit: loss {losses[0]:.3f} -> {losses[-1]:.3f} in 60 steps")
     assert losses[-1] < 0.3 * losses[0]
-
-
-def test_doctests():
-    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-    result = doctest.testmod(vit, optionflags=flags)
-    assert result.attempted > 0 and result.failed == 0
