@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean aarch64-smoke
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Correctness on aarch64 (Raspberry Pi class) under qemu user-mode emulation; needs root.
+aarch64-smoke: $(STAMP)
+	bash scripts/aarch64_smoke.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Correctness smoke test of subspace_jax on aarch64 (Raspberry Pi class CPUs) under qemu
+# user-mode emulation: builds an arm64 Debian sysroot with CPython 3.11 and the project's
+# aarch64 wheels (once, cached), then runs scripts/aarch64_smoke.py there and natively and
+# compares the printed numbers. Emulation is ~150-450x slower: correctness only, no timings.
+# Needs root (apt-get) and the package registries. Usage: bash scripts/aarch64_smoke.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=${SUBSPACE_JAX_ARM_ROOT:-$HOME/.cache/subspace_jax/aarch64}
+SYSROOT=$ROOT/sysroot
+SITE=$SYSROOT/opt/armsite
+PY=${PYTHON:-.venv/bin/python}
+
+if [ ! -x "$SYSROOT/usr/bin/python3.11" ]; then
+  echo "== building arm64 sysroot in $SYSROOT"
+  command -v qemu-aarch64-static >/dev/null || { apt-get update -qq; apt-get install -y -qq qemu-user-static; }
+  dpkg --print-foreign-architectures | grep -q arm64 || dpkg --add-architecture arm64
+  apt-get update -qq
+  pkgs=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks \
+      --no-replaces --no-enhances python3.11:arm64 | grep -E '^[a-z0-9.+-]+:arm64$' | sort -u)
+  mkdir -p "$ROOT/debs" "$SYSROOT"
+  (cd "$ROOT/debs" && apt-get download $pkgs libstdc++6:arm64 media-types >/dev/null)
+  for d in "$ROOT"/debs/*.deb; do dpkg-deb -x "$d" "$SYSROOT"; done
+fi
+if [ ! -d "$SITE/jax" ]; then
+  echo "== installing aarch64 wheels into $SITE"
+  "$PY" -m pip install --quiet --target "$SITE" --only-binary=:all: --python-version 3.11 \
+    --implementation cp --abi cp311 --platform manylinux_2_27_aarch64 \
+    --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
+    --platform manylinux_2_17_aarch64 --platform any \
+    "jax==0.10.2" "jaxlib==0.10.2" "flax==0.12.8" optax chex numpy safetensors tokenizers tqdm \
+    orbax-checkpoint
+fi
+echo "== native $(uname -m)"
+"$PY" scripts/aarch64_smoke.py > "$ROOT/native.txt"
+cat "$ROOT/native.txt"
+echo "== emulated aarch64 (qemu -cpu cortex-a72, a Raspberry Pi 4 core)"
+PYTHONPATH="$SITE:$PWD" qemu-aarch64-static -cpu cortex-a72 -L "$SYSROOT" \
+  "$SYSROOT/usr/bin/python3.11" scripts/aarch64_smoke.py > "$ROOT/arm.txt"
+cat "$ROOT/arm.txt"
+"$PY" - "$ROOT/native.txt" "$ROOT/arm.txt" <<'PY'
+import json, sys
+native, arm = (json.loads(open(p).read().splitlines()[-1]) for p in sys.argv[1:])
+assert arm["machine"] == "aarch64", arm["machine"]
+worst = max(abs(native[k] - arm[k]) / max(1.0, abs(native[k])) for k in native["checks"])
+print(f"max relative difference native vs aarch64 over {len(native['checks'])} checks: {worst:.2e}")
+sys.exit(0 if worst < 1e-4 else 1)
+PY
