@@ -168,10 +168,16 @@ class Residual:
 
     @property
     def is_input(self) -> bool:
-        """True for an argument (also one excluded by ``argnums``) or a closed-over constant:
-        memory that is live anyway."""
+        """True for memory that is live anyway: an argument (also one excluded by
+        ``argnums``), a closed-over constant, or the output of ``stop_gradient``.
+
+        ``stop_gradient`` is the identity at run time (XLA gives its output its operand's
+        buffer); in this library it marks frozen parameters (LoRA's base kernel, masked
+        leaves), so its saved output is the parameter itself. Wrapping an *activation* in
+        ``stop_gradient`` would make this undercount; ``Residuals.nbytes`` keeps everything.
+        """
         return self.source.startswith(
-            ("from the argument", "from a constant", f"named '{_NO_GRAD}"))
+            ("from the argument", "from a constant", f"named '{_NO_GRAD}", "output of stop_gradient"))
 
     def __str__(self) -> str:
         return f"{self.dtype}{list(self.shape)} {self.source}"
@@ -180,7 +186,7 @@ class Residual:
 @dataclasses.dataclass(frozen=True)
 class Residuals:
     """The residuals of one VJP (``items``). ``nbytes`` sums all of them; ``nbytes_excluding_arguments``
-    leaves out arguments and closed-over constants (``Residual.is_input``), which are live
+    leaves out arguments, closed-over constants and stop_gradient outputs (``Residual.is_input``), which are live
     anyway, so it is the extra memory that the forward pass keeps for the backward pass."""
 
     items: tuple[Residual, ...]

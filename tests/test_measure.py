@@ -312,3 +312,18 @@ def test_report_bundles_grad_step():
     assert r.flops.matmul == flops(jax.value_and_grad(_mlp_loss), params, x).matmul
     assert not any(i.source.startswith("from the argument x") for i in r.residuals.items)
     assert len(r.table().splitlines()) == 3
+
+
+def test_stop_gradient_outputs_count_as_inputs():
+    """A frozen weight behind stop_gradient is saved for dx, but it is the parameter itself."""
+    w = jnp.ones((8, 8))
+    x = jnp.ones((4, 8))
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(x @ jax.lax.stop_gradient(w)))
+
+    res = measure.saved_residuals(loss, x, w)
+    frozen = [r for r in res.items if r.source.startswith("output of stop_gradient")]
+    assert frozen and all(r.is_input for r in frozen)
+    assert res.nbytes_excluding_arguments == res.nbytes - sum(r.nbytes for r in res.items if r.is_input)
+    assert res.nbytes_excluding_arguments < res.nbytes
