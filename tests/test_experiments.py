@@ -1,0 +1,114 @@
+"""Smoke tests of the baselines' quick paths and the experiment scripts (tiny settings)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from subspace_jax import baselines, data, experiment, pretrain, train
+from subspace_jax.models import bert
+
+ROOT = Path(__file__).resolve().parents[1]
+# One encoder layer, a few steps on short texts: the code path of the real runs, in seconds.
+TINY = dict(num_layers=1, steps=3, batch_size=4, max_length=16, train_limit=32, eval_limit=8,
+            eval_batch_size=8, evals=1)
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _read(path):
+    result = json.loads(Path(path).read_text())
+    env = result["environment"]
+    assert {"command", "hostname", "cpu_count", "python", "devices", "timestamp"} <= set(env)
+    assert env["versions"]["jax"] == jax.__version__
+    return result
+
+
+def test_write_result_adds_environment_and_cleans_values(tmp_path):
+    path = experiment.write_result("x", {"a": np.float32(0.5), "b": float("nan"),
+                                         "c": np.arange(2)}, results_dir=tmp_path)
+    result = _read(path)
+    assert (result["name"], result["a"], result["b"], result["c"]) == ("x", 0.5, None, [0, 1])
+    with pytest.raises(ValueError, match="name='a/b'"):
+        experiment.write_result("a/b", {}, results_dir=tmp_path)
+
+
+def test_text_baselines_cli_majority_is_train_majority_share(tmp_path):
+    pytest.importorskip("sklearn")
+    assert _script("text_baselines").main(["--quick", "--results-dir", str(tmp_path)]) == 0
+    result = _read(tmp_path / "text_baselines_quick.json")
+    assert (tmp_path / "text_baselines_quick.png").stat().st_size > 0
+    topics = data.load_pydoc_topics()  # independent count
+    majority = np.bincount(topics.train.labels).argmax()
+    test_share = np.bincount(topics.test.labels, minlength=topics.num_classes) / len(topics.test)
+    print(result["majority"], result["bag_of_words"]["test_accuracy"])
+    assert result["majority"]["class"] == topics.label_names[majority]
+    assert result["majority"]["test_accuracy"] == pytest.approx(test_share[majority], abs=1e-12)
+    assert result["majority"]["test_accuracy"] <= test_share.max()
+    assert result["bag_of_words"]["test_accuracy"] > result["majority"]["test_accuracy"] + 0.2
+
+
+def _leaves(tree):
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+            jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_lora_finetune_trains_only_adapters_and_head():
+    cfg = baselines.FinetuneConfig.make(quick=True, mode="lora", **TINY)
+    run = baselines.train_text_classifier(cfg, progress=False, keep_initial=True)
+    before, after = _leaves(run.initial_params), _leaves(run.params)
+    moved = {path for path in after if not np.array_equal(before[path], after[path])}
+    adapters = {p for p in after if p.endswith((".a", ".b"))}
+    assert len(adapters) == 2 * 6  # q, k, v, o, up, down of the one layer
+    assert moved - adapters == {"['head']['kernel'].value", "['head']['bias'].value"}
+    assert {p for p in adapters if p.endswith(".b")} <= moved
+    pretrained, _ = bert.from_pretrained()  # the frozen base kernels are MiniLM's, bit for bit
+    layer = pretrained.encoder.layers[0]
+    for name, module in [("q", layer.attn.q), ("o", layer.attn.o), ("down", layer.mlp.down)]:
+        part = "mlp" if name == "down" else "attn"
+        key = f"['bert']['encoder']['layers'][0]['{part}']['{name}']['kernel'].value.w"
+        np.testing.assert_array_equal(after[key], np.asarray(module.kernel[...]))
+    r = run.result
+    per_layer = 4 * 8 * (384 + 384) + 2 * 8 * (384 + 1536)
+    assert r["trainable_params"] == per_layer + 384 * 11 + 11
+    assert 8 * r["trainable_params"] <= r["optimizer_state_bytes"] <= 8 * r["trainable_params"] + 64
+    assert 0.0 <= r["val_accuracy"] <= 1.0 and 0.0 <= r["test_accuracy"] <= 1.0
+    assert r["compiled_memory"]["total"] > 0 and r["residual_bytes"] > 0
+    assert r["flops_matmul"] > 0 and r["median_step_seconds"] > 0
+
+
+def test_full_finetune_cli_writes_result_and_plot(tmp_path):
+    args = ["--quick", "--mode", "full", "--no-progress", "--results-dir", str(tmp_path)]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "eval_batch_size"]
+    assert _script("minilm_finetune").main(args) == 0
+    result = _read(tmp_path / "minilm_finetune_full_quick.json")
+    assert (tmp_path / "minilm_finetune_full_quick.png").stat().st_size > 0
+    assert result["mode"] == "full" and result["steps"] == 3
+    assert len(result["history"]["losses"]) == 3 and result["history"]["evals"][-1]["step"] == 3
+    assert result["trainable_params"] == result["model_params"]
+    assert result["optimizer_state_bytes"] >= 8 * result["model_params"]
+
+
+def test_lm_quick_reduces_loss_and_checkpoint_restores_exactly(tmp_path):
+    cfg = pretrain.LMConfig.make(quick=True, steps=30)
+    run = pretrain.train_lm(cfg, progress=False, checkpoint_dir=tmp_path / "lm")
+    losses, r = run.result["history"]["losses"], run.result
+    print(f"loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}, val ppl {r['val_perplexity']:.1f}"
+          f" vs unigram {r['unigram_perplexity']:.1f}")
+    assert np.mean(losses[-5:]) < 0.85 * losses[0]
+    assert r["val_perplexity"] == pytest.approx(np.exp(r["val_loss"]))
+    model, config = pretrain.load_lm(tmp_path / "lm")
+    assert config.vocab_size == 512 and (tmp_path / "lm" / "tokenizer.json").exists()
+    restored = _leaves(train.split_model(model)[1])
+    trained = _leaves(run.params)
+    assert restored.keys() == trained.keys()
+    for path, value in trained.items():
+        np.testing.assert_array_equal(restored[path], value, err_msg=path)
