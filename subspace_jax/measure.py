@@ -185,9 +185,12 @@ class Residual:
 
 @dataclasses.dataclass(frozen=True)
 class Residuals:
-    """The residuals of one VJP (``items``). ``nbytes`` sums all of them; ``nbytes_excluding_arguments``
-    leaves out arguments, closed-over constants and stop_gradient outputs (``Residual.is_input``), which are live
-    anyway, so it is the extra memory that the forward pass keeps for the backward pass."""
+    """The residuals of one VJP (``items``).
+
+    ``nbytes`` sums all of them; ``nbytes_excluding_arguments`` leaves out arguments,
+    closed-over constants and ``stop_gradient`` outputs (``Residual.is_input``), which are
+    live anyway, so it is the extra memory that the forward pass keeps for the backward pass.
+    """
 
     items: tuple[Residual, ...]
     nbytes: int = dataclasses.field(init=False)
