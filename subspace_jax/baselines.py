@@ -38,13 +38,6 @@ LORA_PATTERN = r"bert/encoder/layers/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
 _QUICK_FINETUNE = dict(steps=40, batch_size=16, eval_limit=256, evals=2)
 
 
-def _check_positive(owner: str, cfg: Any, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise ValueError(f"{owner}: {name}={value!r} must be > 0")
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     """Settings of :func:`finetune_text_classifier`; :meth:`make` applies ``quick`` defaults.
@@ -92,7 +85,7 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.mode not in ("full", "lora"):
             raise ValueError(f"FinetuneConfig: mode={self.mode!r} must be 'full' or 'lora'")
-        _check_positive("FinetuneConfig", self, (
+        train.check_positive("FinetuneConfig", self, (
             "epochs", "steps", "batch_size", "max_length", "lr", "lora_rank", "lora_alpha",
             "train_limit", "eval_limit", "eval_batch_size", "evals", "num_layers"))
         if not 0 <= self.warmup_fraction < 1:

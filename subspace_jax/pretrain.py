@@ -74,11 +74,8 @@ class LMConfig:
     def __post_init__(self):
         if self.preset not in llama.PRESETS:
             raise ValueError(f"LMConfig: preset={self.preset!r} not in {sorted(llama.PRESETS)}")
-        for name in ("steps", "batch_size", "seq_len", "lr", "vocab_size", "max_bytes",
-                     "eval_batches", "evals"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-                raise ValueError(f"LMConfig: {name}={value!r} must be > 0")
+        train.check_positive("LMConfig", self, ("steps", "batch_size", "seq_len", "lr",
+                                                "vocab_size", "max_bytes", "eval_batches", "evals"))
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"LMConfig: warmup_fraction={self.warmup_fraction!r} must lie in "
                              "[0, 1)")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -40,8 +40,25 @@ from subspace_jax import measure
 __all__ = [
     "History", "split_model", "stop_frozen", "count_params", "init_optimizer", "adamw",
     "make_train_step", "make_eval_step", "evaluate", "fit", "measure_step", "fit_measured",
-    "cross_entropy", "accuracy",
+    "cross_entropy", "accuracy", "check_positive",
 ]
+
+
+def check_positive(owner: str, config: Any, names: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the field if any of ``names`` on ``config`` is set and <= 0.
+
+    Examples:
+        >>> import types
+        >>> check_positive("Cfg", types.SimpleNamespace(steps=None, lr=0.1), ("steps", "lr"))
+        >>> check_positive("Cfg", types.SimpleNamespace(steps=0), ("steps",))
+        Traceback (most recent call last):
+        ...
+        ValueError: Cfg: steps=0 must be > 0
+    """
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"{owner}: {name}={value!r} must be > 0")
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

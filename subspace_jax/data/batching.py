@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["batches", "num_batches", "group_split"]
+__all__ = ["batches", "num_batches", "group_split", "check_split_fractions"]
 
 Arrays = TypeVar("Arrays", np.ndarray, tuple, dict)
 
@@ -202,3 +202,21 @@ def group_split(sizes: Mapping[str, int], fractions: Sequence[float], *,
         assignment[names[i]] = part
         filled[part] += size
     return assignment
+
+
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """Raise ``ValueError`` unless both fractions lie in ``[0, 1)`` and sum to less than 1.
+
+    Examples:
+        >>> check_split_fractions(0.15, 0.15)
+        >>> check_split_fractions(0.5, 0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: val_fraction + test_fraction must be < 1, got 0.5 + 0.5
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got "
+                         f"{val_fraction} + {test_fraction}")

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from subspace_jax.data import batching
+
 __all__ = ["ImageSplit", "ImageSplits", "load_digits", "stratified_split"]
 
 
@@ -135,12 +137,7 @@ def load_digits(*, seed: int = 0, val_fraction: float = 0.15,
         >>> len(data.train) + len(data.val) + len(data.test)
         1797
     """
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1, got "
-                         f"{val_fraction} + {test_fraction}")
+    batching.check_split_fractions(val_fraction, test_fraction)
     try:
         from sklearn import datasets
     except ImportError as err:

@@ -187,12 +187,7 @@ def _check_args(tokenizer: str, content: str, vocab_size: int, max_bytes: int | 
         raise ValueError(f"content must be one of {_CONTENTS}, got {content!r}")
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"max_bytes must be >= 1 or None, got {max_bytes}")
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1, got "
-                         f"{val_fraction} + {test_fraction}")
+    batching.check_split_fractions(val_fraction, test_fraction)
     if tokenizer == "bpe" and vocab_size < 258:
         raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE: need >= 258 "
                          f"(256 bytes + the end-of-text token)")

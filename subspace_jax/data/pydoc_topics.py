@@ -258,12 +258,7 @@ def _check_args(max_chars: int, min_chars: int, val_fraction: float,
     if not 1 <= min_chars <= max_chars:
         raise ValueError(f"need 1 <= min_chars <= max_chars, got min_chars={min_chars}, "
                          f"max_chars={max_chars}")
-    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {value}")
-    if val_fraction + test_fraction >= 1.0:
-        raise ValueError(f"val_fraction + test_fraction must be < 1, got "
-                         f"{val_fraction} + {test_fraction}")
+    batching.check_split_fractions(val_fraction, test_fraction)
 
 
 def load_pydoc_topics(*, max_chars: int = 600, min_chars: int = 40, seed: int = 0,
