@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from subspace_jax import baselines, data, experiment, pretrain, train
+from subspace_jax import baselines, data, demo, experiment, pretrain, train
 from subspace_jax.models import bert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,3 +112,19 @@ def test_lm_quick_reduces_loss_and_checkpoint_restores_exactly(tmp_path):
     assert restored.keys() == trained.keys()
     for path, value in trained.items():
         np.testing.assert_array_equal(restored[path], value, err_msg=path)
+
+
+def test_demo_rows_table_and_recorded_results():
+    out = demo.run(quick=True, progress=False, **TINY)
+    names = [row["method"] for row in out["rows"]]
+    assert names == ["majority class", "bag of words", "MiniLM full FT", "MiniLM LoRA r8"]
+    assert out["full"]["steps"] == TINY["steps"]  # explicit settings beat the demo's defaults
+    for row in out["rows"]:
+        assert 0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0
+    lora, full = out["rows"][3], out["rows"][2]
+    assert lora["trainable_params"] < full["trainable_params"]
+    lines = demo.table(out["rows"]).splitlines()
+    assert len(lines) == 5 and lines[3].startswith("MiniLM full FT")
+    rows, sources = demo.recorded(ROOT / "results")
+    assert [r["method"] for r in rows][:2] == ["majority class", "bag of words"]
+    assert all("experiments/" in s for s in sources)
