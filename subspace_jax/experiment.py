@@ -162,12 +162,7 @@ def plot_curves(path: str | Path, panels: Mapping[str, Mapping[str, tuple[Sequen
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bars(path: str | Path, groups: Mapping[str, Mapping[str, float]], *,
@@ -206,6 +201,13 @@ def plot_bars(path: str | Path, groups: Mapping[str, Mapping[str, float]], *,
     if title:
         ax.set_title(title)
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write (creating folders) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
