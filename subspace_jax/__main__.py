@@ -77,9 +77,7 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from subspace_jax import demo
 
-    argv = [] if args.full is False else ["--full"]
-    if args.no_progress:
-        argv.append("--no-progress")
+    argv = ["--full"] * args.full + ["--no-progress"] * args.no_progress
     return demo.main(argv) or 0
 
 

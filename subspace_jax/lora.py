@@ -14,6 +14,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -146,7 +147,7 @@ def add_lora(
         >>> type(out["q"]["kernel"]).__name__, type(out["o"]["kernel"]).__name__
         ('LoRA', 'ArrayImpl')
     """
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def wrap(path: str, kernel: Any, rule: rules.Rule) -> LoRA:
         if not isinstance(rule, LoRARule):

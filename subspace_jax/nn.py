@@ -72,8 +72,7 @@ class Linear(nnx.Linear):
         bias = self.bias[...] if self.bias is not None else None
         dtype = self.dtype
         if dtype is None:
-            parts = [inputs, jnp.zeros((), kernel.dtype)] + ([] if bias is None else [bias])
-            dtype = jnp.result_type(*parts)
+            dtype = jnp.result_type(inputs, kernel.dtype, *([] if bias is None else [bias]))
         y = kernel.matmul(inputs, dtype=dtype, precision=self.precision)
         if bias is not None:
             y = y + jnp.asarray(bias, dtype)
