@@ -31,7 +31,7 @@ from subspace_jax import checkpoint, data, train
 from subspace_jax.baselines import Run
 from subspace_jax.models import llama
 
-__all__ = ["LMConfig", "pretrain_lm", "train_lm", "load_lm"]
+__all__ = ["LMConfig", "pretrain_lm", "train_lm", "lm_optimizer", "load_lm"]
 
 _QUICK_LM = dict(steps=40, batch_size=8, seq_len=64, max_bytes=300_000, vocab_size=512,
                  eval_batches=8, evals=2)
@@ -132,9 +132,25 @@ def load_lm(directory: str | Path) -> tuple[llama.Llama, llama.LlamaConfig]:
     return nnx.merge(graphdef, params, rest), config
 
 
-def train_lm(cfg: LMConfig, *, progress: bool = True,
-             checkpoint_dir: str | Path | None = None) -> Run:
+def lm_optimizer(cfg: LMConfig) -> optax.GradientTransformation:
+    """The baseline optimizer of :func:`train_lm`: AdamW (b2 0.95), warm-up + cosine decay.
+
+    Examples:
+        >>> tx = lm_optimizer(LMConfig.make(quick=True))
+    """
+    return train.adamw(cfg.lr, cfg.steps, warmup=int(cfg.warmup_fraction * cfg.steps),
+                       weight_decay=cfg.weight_decay, b2=0.95)
+
+
+def train_lm(cfg: LMConfig, *, tx: optax.GradientTransformation | None = None,
+             progress: bool = True, checkpoint_dir: str | Path | None = None) -> Run:
     """:func:`pretrain_lm` returning the trained state as well (see :class:`Run`).
+
+    Args:
+        cfg: the run's settings.
+        tx: any optax transform (an optimizer under test); None: :func:`lm_optimizer`.
+        progress: show a tqdm bar.
+        checkpoint_dir: as in :func:`pretrain_lm`.
 
     Examples:
         >>> run = train_lm(LMConfig.make(quick=True), progress=False)  # doctest: +SKIP
@@ -147,8 +163,7 @@ def train_lm(cfg: LMConfig, *, progress: bool = True,
     config = llama.LlamaConfig.preset(cfg.preset, vocab_size=corpus.vocab_size,
                                       max_len=cfg.seq_len)
     graphdef, params, rest = train.split_model(llama.Llama(config, rngs=nnx.Rngs(cfg.seed)))
-    tx = train.adamw(cfg.lr, cfg.steps, warmup=int(cfg.warmup_fraction * cfg.steps),
-                     weight_decay=cfg.weight_decay, b2=0.95)
+    tx = lm_optimizer(cfg) if tx is None else tx
     windows = data.lm_windows(corpus.val, cfg.seq_len)[:cfg.eval_batches * cfg.batch_size]
     eval_step = train.make_eval_step(graphdef, _lm_metrics)
 
