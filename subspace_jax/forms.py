@@ -11,8 +11,20 @@ array, and it follows one protocol, :class:`KernelForm`:
 * ``materialize()``: the dense ``(in, out)`` matrix (for checks and export),
 * ``matmul(x)``: ``x @ kernel`` for ``x`` with any leading batch dims, computed
   from the factors without ever forming the dense matrix,
-* ``nbytes``: the bytes it stores, and ``flops(tokens)``: the multiply-add
-  FLOPs (counted as 2 per multiply-add) of ``matmul`` on ``tokens`` rows.
+* ``nbytes``/``bits``: what it stores, and ``flops(tokens)``: the multiply-add
+  FLOPs (counted as 2 per multiply-add) of ``matmul`` on ``tokens`` rows,
+* ``frozen_fields``: the array fields it carries but never trains (LoRA's base
+  kernel). Together with integer and bool leaves (packed bits), which never train
+  either, they are the one freeze mechanism of :func:`subspace_jax.train.trainable_mask`.
+
+Every contraction inside a form goes through :func:`dot`, which calls the
+``dot_general`` it is given (``nnx.Linear.dot_general`` when the form sits in a
+:class:`subspace_jax.nn.Linear`), so libraries that intercept ``dot_general``
+(quantisation, sharding hints) see each matmul. :func:`promote` casts floating inputs
+to the compute dtype and leaves integer storage alone. A frozen array that a form
+reads behind :func:`stop_gradient` is tagged with :data:`FROZEN_NAME`, so
+:func:`subspace_jax.measure.saved_residuals` counts it as a parameter, not as an
+activation.
 
 The free functions :func:`matmul`, :func:`materialize`, :func:`nbytes` and
 :func:`flops` accept a form *or* a plain array (a dense kernel), so code that
@@ -23,9 +35,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,7 +47,12 @@ from subspace_jax import linalg
 
 Array = jax.Array
 
-__all__ = ["KernelForm", "LowRank", "matmul", "materialize", "nbytes", "flops", "is_form"]
+__all__ = ["KernelForm", "LowRank", "matmul", "materialize", "nbytes", "flops", "is_form",
+           "dot", "promote", "stop_gradient", "FROZEN_NAME"]
+
+#: ``checkpoint_name`` given to frozen parameters that a form reads behind
+#: ``stop_gradient`` (and to non-differentiated arguments in :mod:`subspace_jax.measure`).
+FROZEN_NAME = "frozen parameter"
 
 
 class KernelForm(abc.ABC):
@@ -64,9 +83,22 @@ class KernelForm(abc.ABC):
     def materialize(self) -> Array:
         """The dense ``(in, out)`` kernel this form stands for."""
 
+    #: Names of array fields that are carried but never trained (no gradient, no
+    #: optimizer state). Integer and bool fields never train whatever this says.
+    frozen_fields: ClassVar[tuple[str, ...]] = ()
+
     @abc.abstractmethod
-    def matmul(self, x: Array, *, dtype: Any = None, precision: Any = None) -> Array:
-        """``x @ kernel`` over the last axis of ``x``, never forming the dense kernel."""
+    def matmul(self, x: Array, *, dtype: Any = None, precision: Any = None,
+               dot_general: Callable | None = None) -> Array:
+        """``x @ kernel`` over the last axis of ``x``, never forming the dense kernel.
+
+        Args:
+            x: ``(..., in_features)`` input.
+            dtype: compute dtype (None: the common dtype of ``x`` and the factors).
+            precision: passed to every contraction.
+            dot_general: called for every contraction (see :func:`dot`); None means
+                ``jax.lax.dot_general``.
+        """
 
     @property
     @abc.abstractmethod
@@ -79,7 +111,7 @@ class KernelForm(abc.ABC):
 
     @property
     def bits(self) -> int:
-        """Bits this form stores (``8 * nbytes`` unless the form packs bits)."""
+        """Bits this form stores: ``8 * nbytes``; a form that packs bits overrides it."""
         return 8 * self.nbytes
 
 
@@ -91,10 +123,92 @@ def _has_shape(*xs: Any) -> bool:
     return all(hasattr(x, "shape") and hasattr(x, "dtype") for x in xs)
 
 
-def _promote(xs: tuple[Array, ...], dtype: Any) -> tuple[Array, ...]:
-    """Cast to ``dtype`` if given, else to the common dtype (strict promotion rules apply)."""
-    target = jnp.dtype(dtype) if dtype is not None else jnp.result_type(*xs)
-    return tuple(jnp.asarray(x, target) for x in xs)
+def _is_inexact(x: Any) -> bool:
+    return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
+                          jnp.inexact)
+
+
+def promote(xs: tuple[Any, ...], dtype: Any = None) -> tuple[Any, ...]:
+    """Cast the floating arrays of ``xs`` to ``dtype``, or to their common dtype.
+
+    Integer and bool arrays (packed bits, indices) pass through untouched, and they
+    take no part in choosing the common dtype. ``None`` entries pass through (an
+    absent bias). Strict dtype promotion rules apply to the common dtype.
+
+    Args:
+        xs: arrays (or None).
+        dtype: the target dtype; None means ``jnp.result_type`` of the floating arrays.
+
+    Returns:
+        A tuple in the order of ``xs``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> x, bits, none = forms.promote((jnp.ones(2, jnp.bfloat16), jnp.ones(2, jnp.uint8), None),
+        ...                               jnp.float32)
+        >>> x.dtype, bits.dtype, none
+        (dtype('float32'), dtype('uint8'), None)
+    """
+    floats = [x for x in xs if x is not None and _is_inexact(x)]
+    if dtype is not None:
+        target = jnp.dtype(dtype)
+    elif floats:
+        target = jnp.result_type(*floats)
+    else:
+        return tuple(xs)
+    return tuple(jnp.asarray(x, target) if x is not None and _is_inexact(x) else x for x in xs)
+
+
+def dot(x: Array, w: Array, *, precision: Any = None, dot_general: Callable | None = None,
+        **kwargs: Any) -> Array:
+    """``x @ w`` contracting the last axis of ``x`` with the first axis of ``w``.
+
+    The contraction is ``dot_general(x, w, dimension_numbers, precision=precision,
+    **kwargs)``, so a module's own ``dot_general`` (which a quantisation library may
+    have replaced) computes it. Inputs must already share a dtype (see :func:`promote`).
+
+    Args:
+        x: ``(..., k)`` array.
+        w: ``(k, n)`` array.
+        precision: passed on.
+        dot_general: the contraction; None means ``jax.lax.dot_general``.
+        **kwargs: extra keywords for ``dot_general`` (``preferred_element_type``,
+            ``out_sharding``).
+
+    Returns:
+        ``(..., n)`` array.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> forms.dot(jnp.ones((2, 5, 3)), jnp.ones((3, 4))).shape
+        (2, 5, 4)
+        >>> calls = []
+        >>> def spy(*args, **kwargs):
+        ...     calls.append(args[2]); return jax.lax.dot_general(*args, **kwargs)
+        >>> import jax; _ = forms.dot(jnp.ones((2, 3)), jnp.ones((3, 4)), dot_general=spy)
+        >>> calls
+        [(((1,), (0,)), ((), ()))]
+    """
+    fn = jax.lax.dot_general if dot_general is None else dot_general
+    return fn(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision, **kwargs)
+
+
+def stop_gradient(x: Array) -> Array:
+    """``jax.lax.stop_gradient`` for a frozen parameter, tagged :data:`FROZEN_NAME`.
+
+    The tag (``jax.ad_checkpoint.checkpoint_name``) lets
+    :func:`subspace_jax.measure.saved_residuals` recognise a saved copy as the
+    parameter itself. Use ``jax.lax.stop_gradient`` for activations: those are counted.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> jax.grad(lambda w: (forms.stop_gradient(w) * w).sum())(jnp.ones(2)).tolist()
+        [1.0, 1.0]
+    """
+    return jax.ad_checkpoint.checkpoint_name(jax.lax.stop_gradient(x), FROZEN_NAME)
 
 
 @jax.tree_util.register_dataclass
@@ -206,9 +320,11 @@ class LowRank(KernelForm):
     def materialize(self) -> Array:
         return jnp.matmul(self.a, self.b)
 
-    def matmul(self, x: Array, *, dtype: Any = None, precision: Any = None) -> Array:
-        x, a, b = _promote((x, self.a, self.b), dtype)
-        return jnp.matmul(jnp.matmul(x, a, precision=precision), b, precision=precision)
+    def matmul(self, x: Array, *, dtype: Any = None, precision: Any = None,
+               dot_general: Callable | None = None) -> Array:
+        x, a, b = promote((x, self.a, self.b), dtype)
+        h = dot(x, a, precision=precision, dot_general=dot_general)
+        return dot(h, b, precision=precision, dot_general=dot_general)
 
     @property
     def nbytes(self) -> int:
@@ -231,7 +347,8 @@ def is_form(x: Any) -> bool:
     return isinstance(x, KernelForm)
 
 
-def matmul(x: Array, kernel: Any, *, dtype: Any = None, precision: Any = None) -> Array:
+def matmul(x: Array, kernel: Any, *, dtype: Any = None, precision: Any = None,
+           dot_general: Callable | None = None) -> Array:
     """``x @ kernel`` for a dense kernel or any kernel form.
 
     Args:
@@ -239,6 +356,7 @@ def matmul(x: Array, kernel: Any, *, dtype: Any = None, precision: Any = None) -
         kernel: a dense ``(in, out)`` array or a :class:`KernelForm`.
         dtype: compute dtype (default: the common dtype of ``x`` and the kernel).
         precision: passed to the matmuls.
+        dot_general: the contraction (see :func:`dot`); None means ``jax.lax.dot_general``.
 
     Returns:
         ``(..., out_features)`` array.
@@ -250,13 +368,16 @@ def matmul(x: Array, kernel: Any, *, dtype: Any = None, precision: Any = None) -
         (2, 4)
     """
     if is_form(kernel):
-        return kernel.matmul(x, dtype=dtype, precision=precision)
-    x, kernel = _promote((x, kernel), dtype)
-    return jnp.matmul(x, kernel, precision=precision)
+        return kernel.matmul(x, dtype=dtype, precision=precision, dot_general=dot_general)
+    x, kernel = promote((x, kernel), dtype)
+    return dot(x, kernel, precision=precision, dot_general=dot_general)
 
 
 def materialize(kernel: Any) -> Array:
-    """The dense ``(in, out)`` matrix of a form; a dense kernel is returned as is.
+    """The dense ``(in, out)`` matrix of ONE form; a dense kernel is returned as is.
+
+    For a whole parameter tree use :func:`subspace_jax.transforms.materialize`
+    (``subspace_jax.materialize``), which applies this to every form in the tree.
 
     Examples:
         >>> import jax.numpy as jnp

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -50,6 +50,8 @@ class LoRA(forms.KernelForm):
     a: jax.Array
     b: jax.Array
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+    frozen_fields = ("w",)
 
     @classmethod
     def init(cls, key: jax.Array, w: jax.Array, *, rank: int, alpha: float | None = None) -> "LoRA":
@@ -89,11 +91,13 @@ class LoRA(forms.KernelForm):
         delta = jnp.matmul(self.a, self.b) * jnp.asarray(self.scale, self.a.dtype)
         return self.w + delta.astype(self.w.dtype)
 
-    def matmul(self, x: jax.Array, *, dtype: Any = None, precision: Any = None) -> jax.Array:
-        w = jax.lax.stop_gradient(self.w)
-        x, w, a, b = forms._promote((x, w, self.a, self.b), dtype)
-        low = jnp.matmul(jnp.matmul(x, a, precision=precision), b, precision=precision)
-        return jnp.matmul(x, w, precision=precision) + low * jnp.asarray(self.scale, low.dtype)
+    def matmul(self, x: jax.Array, *, dtype: Any = None, precision: Any = None,
+               dot_general: Callable | None = None) -> jax.Array:
+        w = forms.stop_gradient(self.w)
+        x, w, a, b = forms.promote((x, w, self.a, self.b), dtype)
+        kw = dict(precision=precision, dot_general=dot_general)
+        low = forms.dot(forms.dot(x, a, **kw), b, **kw)
+        return forms.dot(x, w, **kw) + low * jnp.asarray(self.scale, low.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -31,6 +31,8 @@ import jax.ad_checkpoint
 import jax.extend.core
 import numpy as np
 
+from subspace_jax import forms
+
 __all__ = [
     "Comparison", "FlopCount", "GradReport", "MemoryStats", "Residual", "Residuals", "Timing",
     "compare", "compiled_memory", "flops", "peak_rss_bytes", "report", "saved_residuals",
@@ -169,15 +171,16 @@ class Residual:
     @property
     def is_input(self) -> bool:
         """True for memory that is live anyway: an argument (also one excluded by
-        ``argnums``), a closed-over constant, or the output of ``stop_gradient``.
+        ``argnums``), a closed-over constant, or a frozen parameter that a kernel form
+        read behind :func:`subspace_jax.forms.stop_gradient` (tagged
+        :data:`subspace_jax.forms.FROZEN_NAME`).
 
-        ``stop_gradient`` is the identity at run time (XLA gives its output its operand's
-        buffer); in this library it marks frozen parameters (LoRA's base kernel, masked
-        leaves), so its saved output is the parameter itself. Wrapping an *activation* in
-        ``stop_gradient`` would make this undercount; ``Residuals.nbytes`` keeps everything.
+        Recognition is by name only: an activation computed under a plain
+        ``jax.lax.stop_gradient`` is a new array the forward pass keeps, so it counts
+        (compressed activations are exactly such arrays).
         """
         return self.source.startswith(
-            ("from the argument", "from a constant", f"named '{_NO_GRAD}", "output of stop_gradient"))
+            ("from the argument", "from a constant", f"named '{forms.FROZEN_NAME}"))
 
     def __str__(self) -> str:
         return f"{self.dtype}{list(self.shape)} {self.source}"
@@ -188,7 +191,7 @@ class Residuals:
     """The residuals of one VJP (``items``).
 
     ``nbytes`` sums all of them; ``nbytes_excluding_arguments`` leaves out arguments,
-    closed-over constants and ``stop_gradient`` outputs (``Residual.is_input``), which are
+    closed-over constants and tagged frozen parameters (``Residual.is_input``), which are
     live anyway, so it is the extra memory that the forward pass keeps for the backward pass.
     """
 
@@ -212,7 +215,7 @@ class Residuals:
         return "\n".join(lines)
 
 
-_NO_GRAD = "non-differentiated argument"
+_NO_GRAD = f"{forms.FROZEN_NAME}: non-differentiated argument"
 
 
 def _no_grad(index: int, tree: Any) -> Any:
@@ -247,7 +250,8 @@ def saved_residuals(fn: Callable, *args, argnums: int | Sequence[int] | None = N
     ``jax.checkpoint``; see ``compiled_memory`` of the grad for the compiled view), and a
     slice of an argument (``ws[i]`` in an unrolled loop) is a new array here, so it counts
     as extra. ``argnums`` keeps an argument out of the VJP; if it is still saved it is
-    listed as ``named 'non-differentiated argument i...'`` and counted as an input.
+    listed as ``named 'frozen parameter: non-differentiated argument i...'`` and counted as
+    an input.
 
     Args:
       fn: the function, usually a scalar loss.

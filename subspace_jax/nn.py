@@ -49,9 +49,19 @@ class SubspaceState(nnx.Variable):
 class Linear(nnx.Linear):
     """``nnx.Linear`` whose ``kernel`` may hold any kernel form.
 
-    Constructor and attributes are those of ``flax.nnx.Linear``. After a tree
-    transform has put a :class:`~subspace_jax.forms.KernelForm` in ``kernel``,
-    the call computes ``form.matmul(x) + bias`` in the promoted dtype.
+    Constructor and attributes are those of ``flax.nnx.Linear``. With a dense kernel the
+    call is ``nnx.Linear``'s own. After a tree transform has put a
+    :class:`~subspace_jax.forms.KernelForm` in ``kernel``, the call computes
+    ``form.matmul(x) + bias`` and honours the module's settings:
+
+    * ``dtype`` (the compute dtype; None: promoted from input, form and bias),
+    * ``promote_dtype`` (called on the input and bias, as ``nnx.Linear`` does),
+    * ``precision``, and ``dot_general``, which computes every contraction of the form
+      (so a library that swaps ``dot_general``, e.g. for quantisation, sees them).
+
+    ``preferred_element_type`` and ``out_sharding`` have no single meaning for a form's
+    chain of thin matmuls (they would apply to intermediate products too), so setting
+    them on the form path raises ``ValueError`` rather than being dropped silently.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -69,13 +79,23 @@ class Linear(nnx.Linear):
         kernel = self.kernel.get_value()
         if not forms.is_form(kernel):
             return super().__call__(inputs, out_sharding=out_sharding)
+        for name, value in (("preferred_element_type", self.preferred_element_type),
+                            ("out_sharding", out_sharding)):
+            if value is not None:
+                raise ValueError(
+                    f"Linear({self.in_features}, {self.out_features}) holds a "
+                    f"{type(kernel).__name__} kernel: {name}={value!r} is not supported on "
+                    "the kernel-form path (it would also apply to the intermediate products "
+                    "of the form's thin matmuls); leave it None or materialize the kernel")
         bias = self.bias[...] if self.bias is not None else None
         dtype = self.dtype
         if dtype is None:
             dtype = jnp.result_type(inputs, kernel.dtype, *([] if bias is None else [bias]))
-        y = kernel.matmul(inputs, dtype=dtype, precision=self.precision)
+        inputs, bias = self.promote_dtype((inputs, bias), dtype=dtype)
+        y = kernel.matmul(inputs, dtype=dtype, precision=self.precision,
+                          dot_general=self.dot_general)
         if bias is not None:
-            y = y + jnp.asarray(bias, dtype)
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
 
 

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import subspace_jax.measure as measure
+from subspace_jax import forms
 from subspace_jax.measure import (
     compare, compiled_memory, flops, peak_rss_bytes, report, saved_residuals, time_fn,
     tree_nbytes)
@@ -314,16 +315,27 @@ def test_report_bundles_grad_step():
     assert len(r.table().splitlines()) == 3
 
 
-def test_stop_gradient_outputs_count_as_inputs():
-    """A frozen weight behind stop_gradient is saved for dx, but it is the parameter itself."""
-    w = jnp.ones((8, 8))
-    x = jnp.ones((4, 8))
+def test_stop_gradient_activation_counts_and_frozen_parameter_does_not():
+    """Hand-counted: loss(a) = sum(sg(sin(x)) @ a) + sum(a @ frozen(w)), x (4, 8), a, w (8, 8).
 
-    def loss(x, w):
-        return jnp.sum(jnp.tanh(x @ jax.lax.stop_gradient(w)))
+    Both terms are linear in ``a``: the backward pass needs sg(sin(x)) (4, 8) float32 =
+    128 B, an activation computed under stop_gradient, and w (8, 8) = 256 B, a frozen
+    parameter tagged by ``forms.stop_gradient``. Only the 128 B are extra memory.
+    """
+    x, w, a = jnp.ones((4, 8)), jnp.ones((8, 8)), jnp.ones((8, 8))
 
-    res = measure.saved_residuals(loss, x, w)
-    frozen = [r for r in res.items if r.source.startswith("output of stop_gradient")]
-    assert frozen and all(r.is_input for r in frozen)
-    assert res.nbytes_excluding_arguments == res.nbytes - sum(r.nbytes for r in res.items if r.is_input)
-    assert res.nbytes_excluding_arguments < res.nbytes
+    def loss(a, w, x):
+        act = jax.lax.stop_gradient(jnp.sin(x))
+        return jnp.sum(act @ a) + jnp.sum(a @ forms.stop_gradient(w))
+
+    res = measure.saved_residuals(loss, a, w, x, argnums=0)
+    print(res.table())
+    assert res.nbytes_excluding_arguments == 4 * 8 * 4
+    assert res.nbytes == 4 * 8 * 4 + 8 * 8 * 4
+    (frozen,) = [r for r in res.items if r.is_input]
+    assert frozen.shape == (8, 8) and forms.FROZEN_NAME in frozen.source
+    # the same activation behind stop_gradient was excluded before this fix: it must count
+    (act,) = [r for r in res.items if not r.is_input]
+    assert act.source.startswith("output of stop_gradient") and act.shape == (4, 8)
+
+
