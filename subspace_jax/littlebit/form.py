@@ -39,12 +39,6 @@ __all__ = ["BinaryLowRank", "PackedBinaryLowRank", "contract_factories"]
 _SIGNS = {"smooth": core.smooth_sign, "clipped": core.clipped_sign}
 
 
-def _dot(x, w, precision=None, dot_general=None):
-    """``x @ w`` over the last axis of ``x`` through ``dot_general`` (interceptable)."""
-    dot_general = dot_general or jax.lax.dot_general
-    return dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-
-
 def _thin(sv, su, g, h, l):
     """``A = diag(g) sign(V) diag(l)`` (in, P r) and ``B = sign(U)^T diag(h)`` (P r, out)."""
     paths, fan_in, rank = sv.shape
@@ -55,7 +49,8 @@ def _thin(sv, su, g, h, l):
 
 def _matmul(x, sv, su, g, h, l, precision, dot_general):
     a, b = _thin(sv, su, g, h, l)
-    return _dot(_dot(x, a, precision, dot_general), b, precision, dot_general)
+    h = forms.dot(x, a, precision=precision, dot_general=dot_general)
+    return forms.dot(h, b, precision=precision, dot_general=dot_general)
 
 
 def _dense(sv, su, g, h, l, dtype):
@@ -191,7 +186,7 @@ class BinaryLowRank(forms.KernelForm):
 
     def _parts(self, dtype: Any):
         signfn = _SIGNS[self.grad]
-        u, v, h, g, lu, lv = forms._promote((self.u, self.v, self.h, self.g, self.lu, self.lv), dtype)
+        u, v, h, g, lu, lv = forms.promote((self.u, self.v, self.h, self.g, self.lu, self.lv), dtype)
         return signfn(v), signfn(u), g, h, lu * lv
 
     def materialize(self) -> jax.Array:
