@@ -367,3 +367,13 @@ def test_distill_loss_is_token_summed_kl_plus_weighted_hidden_mse():
     np.testing.assert_allclose(littlebit.distill_loss(s, t, hs, ht, mask=mask), want, rtol=1e-5)
     with pytest.raises(ValueError, match="hidden states"):
         littlebit.distill_loss(s, t, hs, [], hidden_weight=1.0, temperature=1.0)
+
+
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96)])
+def test_balanced_factors_give_the_best_rank_r_approximation(shape):
+    w = _heavy_tailed(jax.random.key(4), shape, exponent=0.5)
+    u, v = core.balanced_factors(w, 24)
+    p, s, qt = np.linalg.svd(np.asarray(w, np.float64))
+    best = (p[:, :24] * s[:24]) @ qt[:24]
+    np.testing.assert_allclose(u @ v.T, best, atol=1e-5 * float(s[0]))
+    np.testing.assert_allclose(jnp.linalg.norm(u, axis=0), jnp.linalg.norm(v, axis=0), rtol=1e-4)

@@ -260,22 +260,42 @@ def unpack_signs(words: jax.Array, n: int, axis: int = 0, dtype: Any = jnp.float
 # Dual-SVID and Joint-ITQ (paper layout: W is (out, in)).
 
 
+def _top_svd(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Leading ``rank`` singular triplets from the eigendecomposition of the smaller Gram matrix.
+
+    About 4x faster than a full SVD of a (1536, 384) kernel on CPU; in float32 the singular
+    vectors are accurate while ``s_k / s_1`` stays well above ``sqrt(eps) ~ 3e-4``.
+    """
+    if w.shape[0] < w.shape[1]:
+        q, s, p = _top_svd(w.T, rank)
+        return p, s, q
+    lam, vecs = jnp.linalg.eigh(_mm(w.T, w))  # ascending
+    lam, vecs = lam[::-1][:rank], vecs[:, ::-1][:, :rank]
+    s = jnp.sqrt(jnp.maximum(lam, 0.0))
+    p = _mm(w, vecs) / jnp.where(s > 0, s, 1.0)
+    return p, s, vecs
+
+
 @functools.partial(jax.jit, static_argnames="rank")
 def balanced_factors(w: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
     """``U' = P sqrt(S)`` (out, r) and ``V' = Q sqrt(S)`` (in, r) from the rank-r SVD of ``w``.
 
-    Exact SVD in float32 (the official code uses a randomized ``svd_lowrank``).
+    The truncated SVD comes from the eigendecomposition of the smaller Gram matrix in float32
+    (deterministic; the official code uses a randomized ``svd_lowrank``).
 
     Examples:
         >>> import jax.numpy as jnp
         >>> from subspace_jax.littlebit import core
         >>> u, v = core.balanced_factors(jnp.diag(jnp.array([4.0, 1.0])), 1)
-        >>> (u @ v.T).tolist()
+        >>> (u @ v.T).round(5).tolist()
         [[4.0, 0.0], [0.0, 0.0]]
     """
-    p, s, qt = linalg.svd_rank(w, rank)
+    if w.ndim != 2 or not 1 <= rank <= min(w.shape):
+        raise ValueError(f"balanced_factors needs a 2-D matrix and 1 <= rank <= min(shape); "
+                         f"got shape {w.shape}, rank {rank}")
+    p, s, q = _top_svd(w.astype(jnp.float32), rank)
     root = jnp.sqrt(s)
-    return p * root, qt.T * root
+    return p * root, q * root
 
 
 def _random_orthogonal(key: jax.Array, n: int) -> jax.Array:
@@ -330,10 +350,9 @@ def svid(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     References:
         OneBit (SVID), arXiv 2402.11295; LittleBit (Dual-SVID), arXiv 2506.13771.
     """
-    p, s, qt = linalg.svd_rank(jnp.abs(a), 1)
-    flip = jnp.where(jnp.sum(p) < 0, -1.0, 1.0)  # Perron vectors of |a| are one-signed
-    root = jnp.sqrt(s[0])
-    return jnp.abs(flip * p[:, 0] * root), jnp.abs(flip * qt[0] * root)
+    p, s, q = _top_svd(jnp.abs(a).astype(jnp.float32), 1)
+    root = jnp.sqrt(s[0])  # Perron vectors of |a| are one-signed: abs fixes the sign
+    return jnp.abs(p[:, 0] * root), jnp.abs(q[:, 0] * root)
 
 
 def path_dense(u, v, h, g, l) -> jax.Array:
