@@ -153,7 +153,8 @@ def test_matmul_equals_x_times_materialize(make, dtype, tol):
     want = x.astype(jnp.float32) @ kernel.materialize().astype(jnp.float32)
     assert got.shape == (2, 5, SHAPE[1]) and got.dtype == dtype == kernel.materialize().dtype
     assert kernel.shape == SHAPE and kernel.dtype == dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=4 * tol * float(jnp.abs(want).max()))
+    atol = 4 * tol * float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=atol)
 
 
 def test_every_contraction_goes_through_dot_general(make):
@@ -296,17 +297,18 @@ def test_bit_count_equals_formula_and_checkpoint_size(tmp_path):
         f.stat().st_size for f in path.rglob("*") if f.is_file())
     restored = checkpoint.restore(saved, checkpoint.abstract(packed))
     x = jax.random.normal(jax.random.key(5), (3, 128))
-    np.testing.assert_array_equal(forms.matmul(x, restored["layers"][0]["mlp"]["kernel"]), forms.matmul(x, form))
+    reloaded = restored["layers"][0]["mlp"]["kernel"]
+    np.testing.assert_array_equal(forms.matmul(x, reloaded), forms.matmul(x, form))
 
 
 def test_weight_memory_is_the_bit_count():
     kernel = littlebit.BinaryLowRank.from_dense(
-        jax.random.normal(jax.random.key(0), (384, 1536)), rank=24, itq_iters=2).deploy()
-    x = jnp.ones((64, 384))
+        jax.random.normal(jax.random.key(0), (192, 768)), rank=16, itq_iters=2).deploy()
+    x = jnp.ones((64, 192))
     mem = measure.compiled_memory(lambda x, k: forms.matmul(x, k), x, kernel)
     assert mem.argument == x.nbytes + kernel.bits // 8
     # The working set: the unpacked thin (in + out) x 2r matrices, not a dense (in, out) one.
-    assert mem.temp < 4 * 384 * 1536 // 4
+    assert mem.temp < 4 * 192 * 768 // 4
 
 
 def test_compress_works_on_dicts_linen_and_nnx_state():

@@ -74,20 +74,24 @@ def distill_loss(
         LittleBit, arXiv 2506.13771; Hinton et al., arXiv 1503.02531 (temperature).
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {student_logits.shape} != teacher logits {teacher_logits.shape}")
+        raise ValueError(
+            f"student logits {student_logits.shape} != teacher logits {teacher_logits.shape}")
     if len(student_hidden) != len(teacher_hidden):
-        raise ValueError(f"{len(student_hidden)} student hidden states but {len(teacher_hidden)} teacher ones")
+        raise ValueError(
+            f"{len(student_hidden)} student hidden states but {len(teacher_hidden)} teacher ones")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     weights = _token_mask(mask, tuple(student_logits.shape[:-1]))
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
     log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-    log_t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, axis=-1)
+    log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
     loss = temperature**2 * jnp.sum(kl * weights) / student_logits.shape[0]
     count = jnp.maximum(jnp.sum(weights), 1.0)
     for i, (hs, ht) in enumerate(zip(student_hidden, teacher_hidden)):
         if hs.shape != ht.shape or tuple(hs.shape[:-1]) != tuple(weights.shape):
-            raise ValueError(f"hidden state {i}: student {hs.shape}, teacher {ht.shape}, tokens {weights.shape}")
+            raise ValueError(f"hidden state {i}: student {hs.shape}, teacher {ht.shape}, "
+                             f"tokens {weights.shape}")
         sq = jnp.square(hs.astype(jnp.float32) - jax.lax.stop_gradient(ht).astype(jnp.float32))
         loss = loss + hidden_weight * jnp.sum(jnp.mean(sq, axis=-1) * weights) / count
     return loss

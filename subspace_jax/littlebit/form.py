@@ -157,7 +157,8 @@ class BinaryLowRank(forms.KernelForm):
         if getattr(kernel, "ndim", None) != 2:
             raise ValueError(f"expected a 2-D (in, out) kernel, got shape {tuple(jnp.shape(kernel))}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(kernel.shape):
-            raise ValueError(f"rank must be an int in [1, {min(kernel.shape)}] for {kernel.shape}, got {rank!r}")
+            raise ValueError(
+                f"rank must be an int in [1, {min(kernel.shape)}] for {kernel.shape}, got {rank!r}")
         if not bool(jnp.isfinite(kernel).all()):
             bad = int(kernel.size - jnp.isfinite(kernel).sum())
             raise ValueError(f"kernel contains NaN or Inf ({bad} non-finite entries)")
@@ -227,7 +228,8 @@ class BinaryLowRank(forms.KernelForm):
         scales = {k: jnp.asarray(t, jnp.float32).astype(scale_dtype) for k, t in scales.items()}
         for name, t in scales.items():
             if not bool(jnp.isfinite(t).all()):
-                raise ValueError(f"scale {name} does not fit in {jnp.dtype(scale_dtype)} (overflow or NaN)")
+                raise ValueError(
+                    f"scale {name} does not fit in {jnp.dtype(scale_dtype)} (overflow or NaN)")
         return PackedBinaryLowRank(
             v_bits=core.pack_signs(self.v, axis=1, word=np.dtype(word).type),
             u_bits=core.pack_signs(self.u, axis=1, word=np.dtype(word).type),
@@ -251,7 +253,8 @@ class PackedBinaryLowRank(forms.KernelForm):
     Examples:
         >>> import jax, jax.numpy as jnp
         >>> from subspace_jax import littlebit
-        >>> train = littlebit.BinaryLowRank.from_dense(jax.random.normal(jax.random.key(0), (40, 24)), rank=8)
+        >>> w = jax.random.normal(jax.random.key(0), (40, 24))
+        >>> train = littlebit.BinaryLowRank.from_dense(w, rank=8)
         >>> k = train.deploy(word=jnp.uint32)
         >>> k.shape, k.dtype, k.u_bits.shape, k.nbytes
         ((40, 24), dtype('float32'), (2, 1, 8), 480)

@@ -126,7 +126,7 @@ def deploy(tree: Any, *, word: Any = np.uint8, scale_dtype: Any = np.float16) ->
         >>> littlebit.deploy(packed)
         Traceback (most recent call last):
         ...
-        ValueError: 'up/kernel' is already deployed (a PackedBinaryLowRank); deploy a tree of BinaryLowRank forms
+        ValueError: 'up/kernel' is already deployed (a PackedBinaryLowRank); deploy a tree ...
     """
     found = []
 
@@ -259,7 +259,8 @@ class Accounting:
             >>> import jax
             >>> from subspace_jax import littlebit, rules
             >>> params = {"up": {"kernel": jax.random.normal(jax.random.key(0), (128, 256))}}
-            >>> acc = littlebit.accounting(littlebit.compress(params, rules.Rule(pattern=".*"), bpw=1.0))
+            >>> small = littlebit.compress(params, rules.Rule(pattern=".*"), bpw=1.0)
+            >>> acc = littlebit.accounting(small)
             >>> print(acc.table().splitlines()[2])
             up/kernel  (128, 256)    24      2     8    31488        0  31488  0.9609
         """
@@ -362,8 +363,10 @@ def compress_model(
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from subspace_jax import littlebit, rules
-        >>> mlp = nnx.Sequential(nnx.Linear(256, 256, rngs=nnx.Rngs(0)), nnx.Linear(256, 4, rngs=nnx.Rngs(1)))
-        >>> small = littlebit.compress_model(mlp, rules.Rule(pattern="layers/0/kernel"), 1.0, deployed=True)
+        >>> mlp = nnx.Sequential(nnx.Linear(256, 256, rngs=nnx.Rngs(0)),
+        ...                      nnx.Linear(256, 4, rngs=nnx.Rngs(1)))
+        >>> rule = rules.Rule(pattern="layers/0/kernel")
+        >>> small = littlebit.compress_model(mlp, rule, 1.0, deployed=True)
         >>> type(small.layers[0].kernel.get_value()).__name__, small(jnp.ones((2, 256))).shape
         ('PackedBinaryLowRank', (2, 4))
     """
