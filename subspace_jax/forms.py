@@ -256,7 +256,12 @@ def matmul(x: Array, kernel: Any, *, dtype: Any = None, precision: Any = None) -
 
 
 def materialize(kernel: Any) -> Array:
-    """The dense ``(in, out)`` matrix of a form; a dense kernel is returned as is.
+    """The dense ``(in, out)`` matrix of a single kernel; a dense kernel is returned as is.
+
+    This takes one kernel (a form or an array), not a tree. To turn every
+    form in a parameter tree back into dense arrays use
+    :func:`subspace_jax.transforms.materialize` (exported as
+    ``subspace_jax.materialize``), which maps this function over the tree.
 
     Examples:
         >>> import jax.numpy as jnp

@@ -107,10 +107,20 @@ def factorize(
 
 
 def materialize(tree: Any) -> Any:
-    """Replace every kernel form in ``tree`` by its dense matrix (the inverse of transforms).
+    """A whole tree with every kernel form replaced by its dense matrix (inverts transforms).
+
+    This is the tree-to-tree function, also exported as ``subspace_jax.materialize``.
+    For one kernel (a form or a dense array in, a dense array out) use
+    :func:`subspace_jax.forms.materialize`, which this applies to each form leaf.
 
     Works on any pytree (``nnx.State``, dicts, a single form); ``nnx.Variable``
-    wrappers keep their type and metadata.
+    wrappers keep their type and metadata; non-form leaves are left as they are.
+
+    Args:
+        tree: an ``nnx.State``, a nested dict / list, linen variables or a form.
+
+    Returns:
+        A tree of the same kind and structure with dense ``(in, out)`` kernels.
 
     Examples:
         >>> import jax.numpy as jnp
