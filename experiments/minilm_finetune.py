@@ -23,7 +23,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("full", "lora"), default="full")
+    p.add_argument("--mode", choices=sorted(baselines.METHODS), default="full")
     p.add_argument("--quick", action="store_true", help="short run on subsets")
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps", type=int)

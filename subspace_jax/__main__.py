@@ -77,16 +77,14 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from subspace_jax import demo
 
-    argv = ["--full"] * args.full + ["--no-progress"] * args.no_progress
-    return demo.main(argv) or 0
+    return demo.main(args.extra) or 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subspace-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on built-in defaults")
-    demo.add_argument("--full", action="store_true", help="longer runs (tens of minutes)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo = sub.add_parser("demo", add_help=False,
+                          help="run the main job on built-in defaults (demo --help: its options)")
     demo.set_defaults(run=_demo)
     info = sub.add_parser("info", help="versions, devices and what the library offers")
     info.set_defaults(run=_info)
@@ -114,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         2 of ... parameters selected
         0
     """
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra and args.run is not _demo:
+        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     return args.run(args)
 
 

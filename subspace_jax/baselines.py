@@ -378,6 +378,7 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
         return {f"{split}_loss": sums["loss"] / sums["count"],
                 f"{split}_accuracy": sums["correct"] / sums["count"]}
 
+    initial_val = evaluate(params, rest, "val")
     epochs = math.ceil(steps / (len(labels) // cfg.batch_size))
     batches = data.batches(train_arrays, cfg.batch_size, seed=cfg.seed, epochs=epochs)
     params, rest, history, measures = train.fit_measured(
@@ -390,6 +391,8 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
               "num_train": len(labels), "num_val": len(evals["val"]["labels"]),
               "num_test": len(evals["test"]["labels"]),
               "epochs_seen": steps * cfg.batch_size / len(labels),
+              "val_loss_initial": initial_val["val_loss"],
+              "val_accuracy_initial": initial_val["val_accuracy"],
               **{k: v for k, v in history.evals[-1].items() if k != "step"},
               **evaluate(params, rest, "test"), **measures,
               "median_step_seconds": history.median_step_time(),

@@ -161,7 +161,13 @@ def partition(params: Any, mask: Any) -> tuple[Any, Any]:
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
-    """Inverse of :func:`partition`: take each leaf from whichever tree is not None."""
+    """Inverse of :func:`partition`: take each leaf from whichever tree is not None.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> combine({"w": jnp.ones(1), "n": None}, {"w": None, "n": jnp.zeros(1)})["n"].tolist()
+        [0.0]
+    """
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
                         is_leaf=lambda x: x is None)
 
