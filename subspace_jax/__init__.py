@@ -20,6 +20,7 @@ from subspace_jax import checkpoint as checkpoint
 from subspace_jax import forms as forms
 from subspace_jax import linalg as linalg
 from subspace_jax import lora as lora
+from subspace_jax import lorapre as lorapre
 from subspace_jax import measure as measure
 from subspace_jax import nn as nn
 from subspace_jax import rules as rules
@@ -59,6 +60,7 @@ __all__ = (
     "forms",
     "linalg",
     "lora",
+    "lorapre",
     "materialize",
     "matmul",
     "measure",
