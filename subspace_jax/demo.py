@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from subspace_jax import baselines
+from subspace_jax import baselines, experiment
 
 __all__ = ["Budget", "Entry", "ENTRIES", "RESULTS_DIR", "run", "table", "recorded", "main"]
 
@@ -81,6 +81,45 @@ class Entry:
     live: Callable[[Budget, bool], list[dict[str, Any]]]
     recorded: Mapping[str, Callable[[Mapping[str, Any]], list[dict[str, Any]]]]
 
+    @classmethod
+    def from_script(cls, name: str, stem: str) -> Entry:
+        """The entry of a method whose experiment script ``experiments/<stem>.py`` defines
+        ``demo_rows(budget, progress)`` and ``RECORDED`` (result file -> rows function).
+
+        The script is imported when the entry is first used (a source checkout).
+
+        Examples:
+            >>> Entry.from_script("x", "no_such_script").live(Budget(), False)
+            Traceback (most recent call last):
+            ...
+            FileNotFoundError: demo entry 'x': .../experiments/no_such_script.py not found (run from a source checkout)
+        """
+
+        def script() -> Any:
+            return experiment.load_script(stem, owner=f"demo entry {name!r}")
+
+        return cls(name=name, live=lambda budget, progress: script().demo_rows(budget, progress),
+                   recorded=_LazyRecorded(script))
+
+
+class _LazyRecorded(Mapping):
+    """``Entry.recorded`` read from a script's ``RECORDED`` on first use."""
+
+    def __init__(self, script: Callable[[], Any]):
+        self._script = script
+
+    def _map(self) -> Mapping[str, Any]:
+        return self._script().RECORDED
+
+    def __getitem__(self, key: str) -> Any:
+        return self._map()[key]
+
+    def __iter__(self):
+        return iter(self._map())
+
+    def __len__(self) -> int:
+        return len(self._map())
+
 
 def _row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
     memory = result.get("compiled_memory")
@@ -103,7 +142,8 @@ def _baseline_rows(budget: Budget, progress: bool) -> list[dict[str, Any]]:
             _row("MiniLM full FT", full), _row(f"MiniLM LoRA r{lora['config']['lora_rank']}", lora)]
 
 
-#: The demo's entries in table order; a method adds one ``Entry`` here.
+#: The demo's entries in table order; a method adds one ``Entry`` here (usually
+#: ``Entry.from_script``, naming the experiment script that holds its rows).
 ENTRIES: dict[str, Entry] = {
     "baselines": Entry(name="baselines", live=_baseline_rows, recorded={
         "text_baselines.json": lambda d: [_row("majority class", d["majority"]),

@@ -10,6 +10,7 @@ matplotlib (Agg backend, imported only when called).
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["environment", "write_result", "plot_curves", "plot_bars"]
+__all__ = ["environment", "write_result", "plot_curves", "plot_bars", "load_script", "EXPERIMENTS_DIR"]
 
 
 def _version(module: str) -> str | None:
@@ -239,3 +240,34 @@ def _save(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+#: The repository's ``experiments/`` folder (scripts of a source checkout).
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_script(stem: str, *, owner: str = "experiment") -> Any:
+    """Import ``experiments/<stem>.py`` of the source checkout as a module (cached).
+
+    Raises:
+        FileNotFoundError: naming ``owner`` and the path, outside a source checkout.
+
+    Examples:
+        >>> load_script("text_baselines").__name__
+        'experiments.text_baselines'
+    """
+    name = f"experiments.{stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = EXPERIMENTS_DIR / f"{stem}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{owner}: {path} not found (run from a source checkout)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
