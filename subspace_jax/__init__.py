@@ -19,6 +19,7 @@ Examples:
 from subspace_jax import checkpoint as checkpoint
 from subspace_jax import forms as forms
 from subspace_jax import linalg as linalg
+from subspace_jax import littlebit as littlebit
 from subspace_jax import lora as lora
 from subspace_jax import lorapre as lorapre
 from subspace_jax import measure as measure
@@ -59,6 +60,7 @@ __all__ = (
     "factorize",
     "forms",
     "linalg",
+    "littlebit",
     "lora",
     "lorapre",
     "materialize",
