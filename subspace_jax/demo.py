@@ -151,6 +151,7 @@ ENTRIES: dict[str, Entry] = {
         "minilm_finetune_full.json": lambda d: [_row("MiniLM full FT", d)],
         "minilm_finetune_lora.json": lambda d: [_row(f"MiniLM LoRA r{d['config']['lora_rank']}", d)],
     }),
+    "lorapre": Entry.from_script("lorapre", "lorapre_finetune"),
 }
 
 
