@@ -23,7 +23,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=("full", "lora"), default="full")
+    p.add_argument("--mode", choices=sorted(baselines.METHODS), default="full")
     p.add_argument("--quick", action="store_true", help="short run on subsets")
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps", type=int)
@@ -48,12 +48,15 @@ def smooth(values, window: int = 10) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, method: baselines.Method | None = None) -> int:
+    """Run, write and print; ``method`` replaces ``--mode`` (a method's own script passes it)."""
     args = parse(argv)
+    if method is not None:
+        args.mode = method.name
     fields = {f for f in baselines.FinetuneConfig.__dataclass_fields__ if f != "quick"}
     settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     result = baselines.finetune_text_classifier(quick=args.quick, progress=not args.no_progress,
-                                                **settings)
+                                                method=method, **settings)
     name = args.name or f"minilm_finetune_{args.mode}" + ("_quick" if args.quick else "")
     path = experiment.write_result(name, result, results_dir=args.results_dir)
     hist = result["history"]
@@ -79,6 +82,7 @@ def main(argv=None) -> int:
             ("matmul FLOPs / step", f"{result['flops_matmul']:.3e}"),
             ("trainable params", f"{result['trainable_params']:,} of {result['model_params']:,}"),
             ("optimizer state", f"{result['optimizer_state_bytes'] / 2**20:.2f} MiB"),
+            ("val loss", f"{result['val_loss_initial']:.4f} before -> {result['val_loss']:.4f}"),
             ("total time", f"{result['total_seconds']:.0f} s")]
     for key, value in rows:
         print(f"  {key:<22} {value}")

@@ -21,6 +21,7 @@ from subspace_jax import forms as forms
 from subspace_jax import linalg as linalg
 from subspace_jax import littlebit as littlebit
 from subspace_jax import lora as lora
+from subspace_jax import lorapre as lorapre
 from subspace_jax import measure as measure
 from subspace_jax import nn as nn
 from subspace_jax import rules as rules
@@ -61,6 +62,7 @@ __all__ = (
     "linalg",
     "littlebit",
     "lora",
+    "lorapre",
     "materialize",
     "matmul",
     "measure",

@@ -4,6 +4,8 @@ Subcommands:
 
 * ``demo``: the main job on built-in defaults (baselines on real pretrained MiniLM
   and real text; each method adds its rows as it lands).
+* ``bench NAME [ARGS...]``: a method's benchmark, i.e. ``experiments/<script>.py`` of a
+  source checkout with ARGS (``bench`` alone lists them; ``bench NAME --help``).
 * ``info``: versions, devices, and what the library offers.
 * ``select``: print which parameters of a reference model a set of path rules
   selects (built abstractly: no weights are loaded or allocated).
@@ -18,6 +20,8 @@ import sys
 __all__ = ["main"]
 
 _MODELS = ("minilm", "vit-digits", "llama-1m", "llama-5m", "llama-20m", "llama-100m")
+#: ``bench`` names -> the experiment script (``experiments/<stem>.py``) that measures them.
+BENCHES: dict[str, str] = {"lorapre": "lorapre_pretrain"}
 
 
 def _abstract_model(name: str):
@@ -77,17 +81,37 @@ def _info(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from subspace_jax import demo
 
-    argv = ["--full"] * args.full + ["--no-progress"] * args.no_progress
-    return demo.main(argv) or 0
+    return demo.main(args.extra) or 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.name is None:
+        for name, stem in BENCHES.items():
+            print(f"{name:<12} experiments/{stem}.py")
+        return 0
+    if args.name not in BENCHES:
+        print(f"error: no benchmark {args.name!r}; choose from {sorted(BENCHES)}", file=sys.stderr)
+        return 2
+    from subspace_jax import experiment
+
+    try:
+        module = experiment.load_script(BENCHES[args.name], owner=f"bench {args.name!r}")
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return module.main(args.extra) or 0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subspace-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the main job on built-in defaults")
-    demo.add_argument("--full", action="store_true", help="longer runs (tens of minutes)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo = sub.add_parser("demo", add_help=False,
+                          help="run the main job on built-in defaults (demo --help: its options)")
     demo.set_defaults(run=_demo)
+    bench = sub.add_parser("bench", add_help=False,
+                           help="run a method's benchmark (bench alone lists them)")
+    bench.add_argument("name", nargs="?")
+    bench.set_defaults(run=_bench)
     info = sub.add_parser("info", help="versions, devices and what the library offers")
     info.set_defaults(run=_info)
     select = sub.add_parser("select", help="show which parameters path rules select")
@@ -114,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         2 of ... parameters selected
         0
     """
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra and args.run not in (_demo, _bench):
+        _parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     return args.run(args)
 
 

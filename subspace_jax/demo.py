@@ -1,35 +1,124 @@
-"""The demo: baselines for classifying Python standard-library docstrings by topic.
+"""The demo: every method on one task, live at a shared quick budget, beside recorded runs.
 
-``python -m subspace_jax demo`` runs, on the pydoc-topics task (11 topics, split by
-module), the majority class, a bag of words (TF-IDF + logistic regression), and
-pretrained all-MiniLM-L6-v2 fine-tuned fully and with rank-8 LoRA, then prints one table:
-accuracy on val and test, median training-step time, compiled memory of the step,
-residual bytes saved for backward, and trainable parameters. The quick default takes a
-few minutes on two CPU cores (120 fine-tuning steps, 256-text val/test subsets shared by
-every row); ``--full`` trains for two epochs on all data. The subspace methods add rows here.
+``python -m subspace_jax demo`` fine-tunes pretrained all-MiniLM-L6-v2 on the pydoc-topics
+task (classifying Python standard-library docstrings into 11 topics, split by module) and
+prints one table: accuracy on val and test, median training-step time, compiled memory of
+the step, residual bytes saved for backward, and trainable parameters. Each entry of
+:data:`ENTRIES` contributes rows: the baselines (majority class, bag of words, full
+fine-tuning, LoRA), then each method as it lands. Every live fine-tuning run shares one
+:class:`Budget` (40 steps of 16 texts, 256-text val/test subsets by default), and below the
+live table the recorded full-setting runs of each entry are printed with the commands
+that made them. ``--methods`` picks entries.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from subspace_jax import baselines
+from subspace_jax import baselines, experiment
 
-__all__ = ["run", "table", "recorded", "main"]
+__all__ = ["Budget", "Entry", "ENTRIES", "RESULTS_DIR", "run", "table", "recorded", "main"]
 
 _MIB = 2.0 ** 20
-# 120 steps (half an epoch) is where pretrained MiniLM passes bag of words on the quick
-# subsets (measured: test 0.648 full / 0.633 LoRA vs 0.598), in about 2 minutes per run.
-_QUICK_DEMO = dict(steps=120)
+#: The repository's ``results/`` (where ``experiments/*.py`` write), whatever the cwd.
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 _EXPLANATION = (
     "Rows share the same val/test texts. step = median seconds per training step; memory = "
     "XLA's compiled step (arguments + outputs - aliased + temporaries); residuals = "
     "activations saved for backward; trainable = parameters the optimizer updates.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Budget:
+    """The shared quick fine-tuning budget of the live rows.
+
+    Attributes:
+        steps: training steps of every live fine-tuning run.
+        settings: other :class:`~subspace_jax.baselines.FinetuneConfig` fields shared by
+            every run (e.g. ``eval_limit``, ``batch_size``; tests shrink the model here).
+        seed: seed of subsets, initialisation and batch order.
+        quick: use the quick :class:`~subspace_jax.baselines.FinetuneConfig` defaults.
+
+    Examples:
+        >>> Budget().finetune(mode="lora")["steps"]
+        40
+    """
+
+    steps: int | None = 40
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    quick: bool = True
+
+    def finetune(self, **overrides: Any) -> dict[str, Any]:
+        """Keyword arguments for :func:`~subspace_jax.baselines.finetune_text_classifier`."""
+        steps = {} if self.steps is None else {"steps": self.steps}
+        return {"quick": self.quick, "seed": self.seed, **steps, **self.settings, **overrides}
+
+    @property
+    def eval_limit(self) -> int | None:
+        """The val/test subset size every row uses."""
+        return baselines.FinetuneConfig.make(**self.finetune()).eval_limit
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Entry:
+    """One group of demo rows: a method (or the baselines).
+
+    Attributes:
+        name: the ``--methods`` key.
+        live: ``live(budget, progress) -> rows`` runs at the shared budget.
+        recorded: result files under ``results/`` and, for each, the function turning the
+            JSON into rows.
+    """
+
+    name: str
+    live: Callable[[Budget, bool], list[dict[str, Any]]]
+    recorded: Mapping[str, Callable[[Mapping[str, Any]], list[dict[str, Any]]]]
+
+    @classmethod
+    def from_script(cls, name: str, stem: str) -> Entry:
+        """The entry of a method whose experiment script ``experiments/<stem>.py`` defines
+        ``demo_rows(budget, progress)`` and ``RECORDED`` (result file -> rows function).
+
+        The script is imported when the entry is first used (a source checkout).
+
+        Examples:
+            >>> Entry.from_script("x", "no_such_script").live(Budget(), False)
+            Traceback (most recent call last):
+            ...
+            FileNotFoundError: demo entry 'x': .../experiments/no_such_script.py not found (run from a source checkout)
+        """
+
+        def script() -> Any:
+            return experiment.load_script(stem, owner=f"demo entry {name!r}")
+
+        return cls(name=name, live=lambda budget, progress: script().demo_rows(budget, progress),
+                   recorded=_LazyRecorded(script))
+
+
+class _LazyRecorded(Mapping):
+    """``Entry.recorded`` read from a script's ``RECORDED`` on first use."""
+
+    def __init__(self, script: Callable[[], Any]):
+        self._script = script
+
+    def _map(self) -> Mapping[str, Any]:
+        return self._script().RECORDED
+
+    def __getitem__(self, key: str) -> Any:
+        return self._map()[key]
+
+    def __iter__(self):
+        return iter(self._map())
+
+    def __len__(self) -> int:
+        return len(self._map())
 
 
 def _row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
@@ -44,48 +133,75 @@ def _row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(*, quick: bool = True, progress: bool = True, seed: int = 0,
-        **settings: Any) -> dict[str, Any]:
-    """Run every baseline row of the demo.
+def _baseline_rows(budget: Budget, progress: bool) -> list[dict[str, Any]]:
+    base = baselines.text_baselines(quick=budget.quick, seed=budget.seed,
+                                    eval_limit=budget.eval_limit)
+    full = baselines.finetune_text_classifier(progress=progress, **budget.finetune(mode="full"))
+    lora = baselines.finetune_text_classifier(progress=progress, **budget.finetune(mode="lora"))
+    return [_row("majority class", base["majority"]), _row("bag of words", base["bag_of_words"]),
+            _row("MiniLM full FT", full), _row(f"MiniLM LoRA r{lora['config']['lora_rank']}", lora)]
+
+
+#: The demo's entries in table order; a method adds one ``Entry`` here (usually
+#: ``Entry.from_script``, naming the experiment script that holds its rows).
+ENTRIES: dict[str, Entry] = {
+    "baselines": Entry(name="baselines", live=_baseline_rows, recorded={
+        "text_baselines.json": lambda d: [_row("majority class", d["majority"]),
+                                          _row("bag of words", d["bag_of_words"])],
+        "minilm_finetune_full.json": lambda d: [_row("MiniLM full FT", d)],
+        "minilm_finetune_lora.json": lambda d: [_row(f"MiniLM LoRA r{d['config']['lora_rank']}", d)],
+    }),
+    "lorapre": Entry.from_script("lorapre", "lorapre_finetune"),
+}
+
+
+def _entries(methods: Sequence[str] | None) -> list[Entry]:
+    names = list(ENTRIES) if methods is None else list(methods)
+    unknown = [n for n in names if n not in ENTRIES]
+    if unknown:
+        raise ValueError(f"demo: unknown methods {unknown}; choose from {sorted(ENTRIES)}")
+    return [ENTRIES[n] for n in names]
+
+
+def run(*, methods: Sequence[str] | None = None, budget: Budget | None = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Run the live rows of the chosen entries at one shared budget.
 
     Args:
-        quick: 120 fine-tuning steps, 256-text val/test subsets (minutes on two CPU cores);
-            False trains with :class:`~subspace_jax.baselines.FinetuneConfig` defaults.
+        methods: :data:`ENTRIES` names (None: all, in order).
+        budget: the shared quick budget (None: :class:`Budget` defaults).
         progress: show tqdm bars.
-        seed: seed of subsets, initialisation and batch order.
-        **settings: extra :class:`~subspace_jax.baselines.FinetuneConfig` fields for both
-            fine-tuning runs (e.g. ``steps=10``).
 
     Returns:
-        ``{"rows": [...], "baselines": ..., "full": ..., "lora": ..., "seconds": ...}``; each
-        row has ``method``, ``val_accuracy``, ``test_accuracy``, ``step_seconds``,
+        ``{"rows": [...], "seconds": {entry: s}, "budget": {...}}``; each row has
+        ``method``, ``entry``, ``val_accuracy``, ``test_accuracy``, ``step_seconds``,
         ``memory_mib``, ``residual_mib`` and ``trainable_params`` (None where it does not
         apply).
 
+    Raises:
+        ValueError: an unknown method name.
+
     Examples:
-        >>> out = run(quick=True, progress=False)  # doctest: +SKIP
+        >>> out = run(methods=["baselines"], progress=False)  # doctest: +SKIP
         >>> [row["method"] for row in out["rows"]]  # doctest: +SKIP
         ['majority class', 'bag of words', 'MiniLM full FT', 'MiniLM LoRA r8']
     """
-    start = time.perf_counter()
-    settings = {**(_QUICK_DEMO if quick else {}), **settings}
-    eval_limit = baselines.FinetuneConfig.make(quick=quick, **settings).eval_limit
-    base = baselines.text_baselines(quick=quick, seed=seed, eval_limit=eval_limit)
-    runs = {mode: baselines.finetune_text_classifier(quick=quick, progress=progress, mode=mode,
-                                                     seed=seed, **settings)
-            for mode in ("full", "lora")}
-    rank = runs["lora"]["config"]["lora_rank"]
-    rows = [_row("majority class", base["majority"]), _row("bag of words", base["bag_of_words"]),
-            _row("MiniLM full FT", runs["full"]), _row(f"MiniLM LoRA r{rank}", runs["lora"])]
-    return {"rows": rows, "baselines": base, **runs, "seconds": time.perf_counter() - start}
+    budget = budget or Budget()
+    rows, seconds = [], {}
+    for entry in _entries(methods):
+        start = time.perf_counter()
+        rows += [{**row, "entry": entry.name} for row in entry.live(budget, progress)]
+        seconds[entry.name] = time.perf_counter() - start
+    return {"rows": rows, "seconds": seconds, "budget": dataclasses.asdict(budget)}
 
 
-def recorded(results_dir: str | Path = "results") -> tuple[list[dict[str, Any]], list[str]]:
+def recorded(results_dir: str | Path = RESULTS_DIR, methods: Sequence[str] | None = None,
+             ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of the full-setting runs recorded in ``results_dir`` by ``experiments/*.py``.
 
     Returns:
-        ``(rows, sources)``: table rows as in :func:`run` (empty if no result file is
-        there) and one line per file naming the command, machine and date that made it.
+        ``(rows, sources)``: table rows as in :func:`run` (none for a missing file) and
+        one line per file naming the command, machine and date that made it.
 
     Examples:
         >>> import tempfile
@@ -94,17 +210,13 @@ def recorded(results_dir: str | Path = "results") -> tuple[list[dict[str, Any]],
     """
     directory = Path(results_dir)
     rows, sources = [], []
-    base = directory / "text_baselines.json"
-    if base.is_file():
-        data = json.loads(base.read_text())
-        rows += [_row("majority class", data["majority"]), _row("bag of words", data["bag_of_words"])]
-        sources.append(_source(base, data))
-    for mode, name in (("full", "MiniLM full FT"), ("lora", "MiniLM LoRA r8")):
-        path = directory / f"minilm_finetune_{mode}.json"
-        if path.is_file():
-            data = json.loads(path.read_text())
-            rows.append(_row(name, data))
-            sources.append(_source(path, data))
+    for entry in _entries(methods):
+        for name, to_rows in entry.recorded.items():
+            path = directory / name
+            if path.is_file():
+                data = json.loads(path.read_text())
+                rows += [{**row, "entry": entry.name} for row in to_rows(data)]
+                sources.append(_source(path, data))
     return rows, sources
 
 
@@ -141,31 +253,37 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m subspace_jax demo [--full] [--no-progress]``; prints the table.
+    """``python -m subspace_jax demo [--methods a,b] [--steps N] [--seed S] [--no-progress]``.
 
     Examples:
         >>> main(["--help"])  # doctest: +SKIP
     """
     parser = argparse.ArgumentParser(prog="subspace-jax demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--full", action="store_true",
-                        help="train for two epochs on all data (tens of minutes)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--methods", default=",".join(ENTRIES),
+                        help=f"comma-separated entries (default: all of {','.join(ENTRIES)})")
+    parser.add_argument("--steps", type=int, default=Budget().steps,
+                        help="fine-tuning steps of every live run (shared budget)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
+                        help="where the recorded full-setting results are read")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
-    quick = not args.full
-    print(f"pydoc topics: MiniLM baselines ({'quick' if quick else 'full'} settings)", flush=True)
-    out = run(quick=quick, progress=not args.no_progress, seed=args.seed)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        _entries(methods)
+    except ValueError as e:
+        parser.error(str(e))
+    budget = Budget(steps=args.steps, seed=args.seed)
+    print(f"pydoc topics, MiniLM: {', '.join(methods)} at a shared budget of {budget.steps} "
+          f"steps (seed {budget.seed})", flush=True)
+    out = run(methods=methods, budget=budget, progress=not args.no_progress)
     print()
     print(table(out["rows"]))
     print(_EXPLANATION)
-    if quick:
-        full = out["full"]
-        print(f"Quick: MiniLM sees {full['steps']} steps of {full['config']['batch_size']} texts "
-              f"({full['epochs_seen']:.2f} epochs); --full trains for two epochs.")
-    print(f"({out['seconds']:.0f} s in all)")
-    rows, sources = recorded()
-    if quick and rows:
-        print("\nRecorded full-setting runs (two epochs on all data), from results/:")
+    print("Live time: " + ", ".join(f"{k} {v:.0f} s" for k, v in out["seconds"].items()))
+    rows, sources = recorded(args.results_dir, methods)
+    if rows:
+        print(f"\nRecorded full-setting runs, from {args.results_dir}:")
         print(table(rows))
         print("\n".join(f"  {line}" for line in sources))
     return 0

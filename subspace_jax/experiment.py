@@ -10,17 +10,19 @@ matplotlib (Agg backend, imported only when called).
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
 import platform
 import socket
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["environment", "write_result", "plot_curves", "plot_bars"]
+__all__ = ["environment", "write_result", "plot_curves", "plot_bars", "load_script", "EXPERIMENTS_DIR"]
 
 
 def _version(module: str) -> str | None:
@@ -33,7 +35,11 @@ def _version(module: str) -> str | None:
 
 
 def environment() -> dict[str, Any]:
-    """Command line, machine, versions, JAX backend and devices, and the current time.
+    """Command line, machine, versions, JAX backend and devices, git commit and the time.
+
+    ``git_commit`` is the checked-out commit of the repository that holds the package and
+    ``git_dirty`` whether tracked files differ from it (both None outside a git checkout),
+    so a recorded number can be traced to the code that produced it.
 
     Returns:
         A JSON-ready dict.
@@ -44,6 +50,8 @@ def environment() -> dict[str, Any]:
         True
         >>> env["jax_backend"] in ("cpu", "gpu", "tpu")
         True
+        >>> len(env["git_commit"] or "x" * 40), env["git_dirty"] in (True, False, None)
+        (40, True)
     """
     import jax
 
@@ -63,7 +71,25 @@ def environment() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **_git(),
     }
+
+
+def _git() -> dict[str, Any]:
+    """``git_commit`` of the repository holding this package and ``git_dirty`` (None: no git)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                 text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
 
 
 def _jsonable(value: Any) -> Any:
@@ -214,3 +240,34 @@ def _save(fig: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+#: The repository's ``experiments/`` folder (scripts of a source checkout).
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_script(stem: str, *, owner: str = "experiment") -> Any:
+    """Import ``experiments/<stem>.py`` of the source checkout as a module (cached).
+
+    Raises:
+        FileNotFoundError: naming ``owner`` and the path, outside a source checkout.
+
+    Examples:
+        >>> load_script("text_baselines").__name__
+        'experiments.text_baselines'
+    """
+    name = f"experiments.{stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = EXPERIMENTS_DIR / f"{stem}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{owner}: {path} not found (run from a source checkout)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

@@ -374,10 +374,12 @@ def matmul(x: Array, kernel: Any, *, dtype: Any = None, precision: Any = None,
 
 
 def materialize(kernel: Any) -> Array:
-    """The dense ``(in, out)`` matrix of ONE form; a dense kernel is returned as is.
+    """The dense ``(in, out)`` matrix of a single kernel; a dense kernel is returned as is.
 
-    For a whole parameter tree use :func:`subspace_jax.transforms.materialize`
-    (``subspace_jax.materialize``), which applies this to every form in the tree.
+    This takes one kernel (a form or an array), not a tree. To turn every
+    form in a parameter tree back into dense arrays use
+    :func:`subspace_jax.transforms.materialize` (exported as
+    ``subspace_jax.materialize``), which maps this function over the tree.
 
     Examples:
         >>> import jax.numpy as jnp

@@ -5,7 +5,9 @@ trainable factors: ``x @ kernel = x @ w + scale * (x @ a) @ b`` with ``b``
 initialised to zero, so the adapted model starts equal to the pretrained one.
 ``w`` sits behind ``jax.lax.stop_gradient``: its gradient is an exact zero that
 XLA never computes, so the dense ``dW`` matmul of full fine-tuning disappears.
-Use :func:`trainable_mask` to keep the optimizer off ``w`` (no moments for it).
+``LoRA.frozen_fields`` names ``w``, so :func:`subspace_jax.train.trainable_mask` keeps the
+optimizer off it (no moments); pass ``train=`` rules there to freeze the rest of the
+model too, as the LoRA baseline does.
 
 References:
     Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", arXiv 2106.09685.
@@ -20,11 +22,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from subspace_jax import forms, rules
+from subspace_jax import forms
+from subspace_jax import rules as rules_lib
 
-__all__ = ["LoRA", "LoRARule", "add_lora", "trainable_mask", "freeze"]
+__all__ = ["LoRA", "LoRARule", "add_lora"]
 
 
 @jax.tree_util.register_dataclass
@@ -109,7 +111,7 @@ class LoRA(forms.KernelForm):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRARule(rules.Rule):
+class LoRARule(rules_lib.Rule):
     """Wrap matched ``(in, out)`` kernels in a :class:`LoRA` adapter.
 
     Attributes:
@@ -130,13 +132,14 @@ class LoRARule(rules.Rule):
 
 
 def add_lora(
-    tree: Any, rules_: rules.Rule | Sequence[rules.Rule], *, key: jax.Array, allow_unused: bool = False
+    tree: Any, rules: rules_lib.Rule | Sequence[rules_lib.Rule], *, key: jax.Array,
+    allow_unused: bool = False,
 ) -> Any:
-    """Wrap the kernels selected by ``rules_`` in :class:`LoRA` adapters.
+    """Wrap the kernels selected by ``rules`` in :class:`LoRA` adapters.
 
     Args:
         tree: an ``nnx.State``, a nested dict or linen variables.
-        rules_: :class:`LoRARule` objects (and skip rules); first match wins.
+        rules: :class:`LoRARule` objects (and skip rules); first match wins.
         key: PRNG key; each adapter gets ``fold_in(key, i)`` for its index ``i``.
         allow_unused: do not raise for rules that match nothing.
 
@@ -153,63 +156,9 @@ def add_lora(
     """
     counter = itertools.count()
 
-    def wrap(path: str, kernel: Any, rule: rules.Rule) -> LoRA:
+    def wrap(path: str, kernel: Any, rule: rules_lib.Rule) -> LoRA:
         if not isinstance(rule, LoRARule):
             raise TypeError(f"add_lora needs LoRARule rules, got {type(rule).__name__}")
         return LoRA.init(jax.random.fold_in(key, next(counter)), kernel, rank=rule.rank, alpha=rule.alpha)
 
-    return rules.apply(tree, rules_, wrap, allow_unused=allow_unused)
-
-
-def trainable_mask(tree: Any, *, also: rules.Rule | Sequence[rules.Rule] = ()) -> Any:
-    """A boolean pytree: ``True`` for LoRA factors and leaves matched by ``also``.
-
-    Pass it to :func:`freeze` so the frozen base gets no optimizer state and no
-    update (``optax.masked`` alone would pass the frozen leaves' raw gradients
-    through as updates).
-
-    Args:
-        tree: a tree containing :class:`LoRA` forms.
-        also: rules for other trainable leaves (e.g. a classification head).
-
-    Examples:
-        >>> import jax, jax.numpy as jnp
-        >>> from subspace_jax import lora
-        >>> params = lora.add_lora({"q": jnp.ones((4, 4)), "head": jnp.ones((4, 2))},
-        ...                        lora.LoRARule(pattern="q", rank=1), key=jax.random.key(0))
-        >>> lora.trainable_mask(params, also=lora.rules.Rule(pattern="head"))
-        {'head': True, 'q': LoRA(w=False, a=True, b=True, scale=1.0)}
-    """
-    extra = rules.select(tree, also) if also else None
-    extra_paths = {m.path for m in extra.selected} if extra else set()
-
-    def label(path: str, leaf: Any) -> Any:
-        if isinstance(leaf, LoRA):
-            return LoRA(w=False, a=True, b=True, scale=leaf.scale)
-        return path in extra_paths
-
-    return rules.map_with_path(label, tree)
-
-
-def freeze(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
-    """Run ``tx`` on the leaves where ``mask`` is True; zero updates and no state elsewhere.
-
-    Args:
-        tx: the optimizer for trainable leaves.
-        mask: a boolean pytree with the structure of the parameters, e.g. from
-            :func:`trainable_mask`.
-
-    Returns:
-        An ``optax.GradientTransformation``.
-
-    Examples:
-        >>> import jax, jax.numpy as jnp, optax
-        >>> from subspace_jax import lora
-        >>> params = {"w": jnp.ones(2), "head": jnp.ones(2)}
-        >>> tx = lora.freeze(optax.sgd(1.0), {"w": False, "head": True})
-        >>> updates, _ = tx.update({"w": jnp.ones(2), "head": jnp.ones(2)}, tx.init(params), params)
-        >>> updates["w"].tolist(), updates["head"].tolist()
-        ([0.0, 0.0], [-1.0, -1.0])
-    """
-    labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
-    return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return rules_lib.apply(tree, rules, wrap, allow_unused=allow_unused)

@@ -127,23 +127,6 @@ def _as_subspace_linear(old: nnx.Linear) -> Linear:
     return shell
 
 
-def _children(node: Any) -> list[tuple[Any, Any]]:
-    if isinstance(node, nnx.Module):
-        return [(k, v) for k, v in vars(node).items() if not k.startswith("_")]
-    if isinstance(node, (list, nnx.List)):
-        return list(enumerate(node))
-    if isinstance(node, dict):
-        return list(node.items())
-    return []
-
-
-def _set_child(node: Any, key: Any, value: Any) -> None:
-    if isinstance(node, nnx.Module):
-        setattr(node, key, value)
-    else:
-        node[key] = value
-
-
 def adopt(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` whose ``nnx.Linear`` modules are :class:`Linear`.
 
@@ -159,7 +142,9 @@ def adopt(model: nnx.Module) -> nnx.Module:
         A new model of the same structure.
 
     Raises:
-        ValueError: if the model has no ``nnx.Linear`` at all.
+        ValueError: if the model has no ``nnx.Linear`` (nor :class:`Linear`) at all,
+            or an ``nnx.Linear`` sits in a container that cannot be updated (a
+            tuple: hold sub-modules in ``nnx.List``); the message names its path.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -172,16 +157,26 @@ def adopt(model: nnx.Module) -> nnx.Module:
         >>> bool((new(jnp.ones((1, 2))) == mlp(jnp.ones((1, 2)))).all())
         True
     """
-    new = nnx.clone(model)
-    swapped: dict[int, Linear] = {}
-    if type(new) is nnx.Linear:
-        return _as_subspace_linear(new)
-    for _, parent in list(nnx.iter_graph(new)):
-        for key, child in _children(parent):
-            if type(child) is nnx.Linear:
-                if id(child) not in swapped:
-                    swapped[id(child)] = _as_subspace_linear(child)
-                _set_child(parent, key, swapped[id(child)])
-    if not swapped and not any(isinstance(m, Linear) for _, m in linears(new)):
+    swapped: list[tuple[Any, ...]] = []
+    adopted = False
+
+    def swap(path: tuple[Any, ...], node: Any) -> Any:
+        nonlocal adopted
+        adopted = adopted or isinstance(node, Linear)
+        if type(node) is not nnx.Linear:
+            return node
+        swapped.append(path)
+        return _as_subspace_linear(node)
+
+    # recursive_map calls ``swap`` once per shared node and puts its one result at
+    # every path (tied Linears stay tied). Clone first: the copy recursive_map makes
+    # itself shares the Variables with ``model``.
+    try:
+        new = nnx.recursive_map(swap, nnx.clone(model))
+    except ValueError as err:  # a Linear inside an immutable container (a tuple)
+        where = "/".join(map(str, swapped[-1])) if swapped else "?"
+        raise ValueError(f"adopt: cannot put a Linear at {where!r} in "
+                         f"{type(model).__name__}: {err}") from None
+    if not swapped and not adopted:
         raise ValueError(f"adopt: {type(model).__name__} contains no nnx.Linear module")
     return new

@@ -167,14 +167,14 @@ def train_lm(cfg: LMConfig, *, tx: optax.GradientTransformation | None = None,
     windows = data.lm_windows(corpus.val, cfg.seq_len)[:cfg.eval_batches * cfg.batch_size]
     eval_step = train.make_eval_step(graphdef, _lm_metrics)
 
-    def evaluate(p) -> dict[str, float]:
-        sums = train.evaluate(eval_step, p, rest, {"tokens": windows}, batch_size=cfg.batch_size)
+    def evaluate(p, r) -> dict[str, float]:
+        sums = train.evaluate(eval_step, p, r, {"tokens": windows}, batch_size=cfg.batch_size)
         return {"val_loss": sums["loss"] / sums["count"]}
 
     per_epoch = data.num_lm_batches(corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len)
     batches = data.lm_batches(corpus.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                               seed=cfg.seed, epochs=math.ceil(cfg.steps / per_epoch))
-    params, history, measures = train.fit_measured(
+    params, rest, history, measures = train.fit_measured(
         graphdef, params, rest, lambda model, batch, key: llama.lm_loss(model, batch), tx,
         batches, num_steps=cfg.steps, key=jax.random.key(cfg.seed), evals=cfg.evals,
         eval_fn=evaluate, progress=progress, desc=f"Llama {cfg.preset}")

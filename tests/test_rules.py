@@ -1,12 +1,15 @@
 """Path rules pick exactly the intended leaves on NNX, pure-dict and linen trees."""
 
+import collections
+import dataclasses
+
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from subspace_jax import rules
+from subspace_jax import forms, rules
 
 
 class Block(nnx.Module):
@@ -37,6 +40,63 @@ WANT_NNX = ["blocks/0/down/kernel", "blocks/0/up/kernel", "blocks/1/down/kernel"
 
 def _selected(sel):
     return sorted(m.path for m in sel.selected)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Pair:
+    w: jax.Array
+    b: jax.Array
+
+
+class _Opaque:  # registered without key names: its children get FlattenedIndexKeys
+    def __init__(self, xs):
+        self.xs = xs
+
+
+jax.tree_util.register_pytree_node(_Opaque, lambda o: (o.xs, None), lambda _, xs: _Opaque(xs))
+
+
+def _hand_join(keypath):
+    """The hand-written join ``keypath_str`` used before it became ``jax.tree_util.keystr``."""
+    parts = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(k.key))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def test_keypath_str_matches_the_hand_join_on_every_key_kind():
+    state = nnx.state(nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0))), nnx.Param)
+    pair = collections.namedtuple("Pair", "p q")
+    tree = {
+        "d": {"x": 1, "y": {3: 2}},  # string and int dict keys
+        "seq": [4, (5, 6)],  # list and tuple indices
+        "dc": _Pair(jnp.ones(2), jnp.zeros(2)),  # registered dataclass attributes
+        "nt": pair(7, 8),  # named tuple attributes
+        "op": _Opaque([9, 10]),  # flattened indices
+        "lr": forms.LowRank(jnp.ones((3, 1)), jnp.ones((1, 2))),  # a kernel form's fields
+        "st": state,  # nnx.State, walked into the Variables (".../value")
+        "linen": linen.FrozenDict({"params": {"k": 11}}),
+    }
+    want = {"d/x", "d/y/3", "seq/0", "seq/1/1", "dc/w", "nt/q", "op/1", "lr/b",
+            "st/layers/0/kernel/value", "st/layers/0/bias/value", "linen/params/k"}
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    got = [rules.keypath_str(kp) for kp, _ in flat]
+    assert got == [_hand_join(kp) for kp, _ in flat]
+    assert want <= set(got)
+    with_vars, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=rules._is_leaf)
+    assert [rules.keypath_str(kp) for kp, _ in with_vars] == ["layers/0/bias", "layers/0/kernel"]
+    assert rules.keypath_str(()) == _hand_join(()) == ""
+    assert rules.keypath_str(("a", 1)) == _hand_join(("a", 1)) == "a/1"  # plain keys
 
 
 def test_nnx_state_paths_and_selection():

@@ -129,3 +129,11 @@ def test_bad_kernels_name_path_shape_value():
 def test_unmatched_rule_in_factorize_names_rule():
     with pytest.raises(ValueError, match=r"rule #0 LowRankRule\(pattern='mlp/.*'.*matched no path"):
         transforms.factorize({"w": jnp.ones((2, 2))}, transforms.LowRankRule(pattern="mlp/.*", rank=1))
+
+
+def test_factorize_takes_rules_by_keyword():
+    tree = {"w": {"kernel": jax.random.normal(jax.random.key(2), (6, 4))}}
+    low = transforms.factorize(tree, rules=[transforms.LowRankRule(pattern="w/kernel", rank=2)])
+    assert low["w"]["kernel"].rank == 2
+    same = transforms.factorize(tree, rules=[], allow_unused=True)
+    assert same["w"]["kernel"] is tree["w"]["kernel"]

@@ -76,39 +76,56 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], *, seed: in
                      ) -> tuple[np.ndarray, ...]:
     """Split example indices into parts with every class in the given proportions.
 
-    Within each class (in sorted order) the examples are permuted with
-    ``np.random.default_rng(seed)``; parts ``1..k-1`` take ``round(n_c * fraction)``
-    examples each and part 0 takes the rest. Each part's indices are sorted.
+    Parts ``1..k-1`` take ``floor(N * fraction)`` examples each, drawn in turn from
+    what is left by scikit-learn's ``train_test_split(..., stratify=labels)``;
+    part 0 takes the rest. The draws use ``np.random.RandomState(seed)``, so the
+    split depends only on the labels, the fractions and ``seed``. Each part's
+    indices are sorted.
 
     Args:
         labels: ``(N,)`` integer labels.
         fractions: Share of each part; they must be >= 0 and sum to 1.
-        seed: Seed of the permutations.
+        seed: Seed of the draws.
 
     Returns:
         One sorted int64 index array per part; together they cover ``range(N)`` once.
 
+    Raises:
+        ValueError: If ``labels`` is not 1-D, the fractions are out of range, or a
+            non-empty part would have fewer examples than there are classes.
+        ImportError: If scikit-learn is not installed.
+
     Examples:
-        >>> a, b = stratified_split(np.array([0, 0, 0, 0, 1, 1, 1, 1]), (0.5, 0.5), seed=0)
-        >>> np.bincount(np.asarray([0, 0, 0, 0, 1, 1, 1, 1])[b]).tolist()
-        [2, 2]
+        >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+        >>> a, b = stratified_split(labels, (0.5, 0.5), seed=0)
+        >>> np.bincount(labels[a]).tolist(), np.bincount(labels[b]).tolist()
+        ([2, 2], [2, 2])
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
     if any(f < 0 for f in fractions) or not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"fractions must be >= 0 and sum to 1, got {tuple(fractions)}")
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[] for _ in fractions]
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        start = 0
-        for k in range(1, len(fractions)):
-            size = int(round(len(idx) * fractions[k]))
-            parts[k].append(idx[start:start + size])
-            start += size
-        parts[0].append(idx[start:])
-    return tuple(np.sort(np.concatenate(p)).astype(np.int64) for p in parts)
+    try:
+        from sklearn.model_selection import train_test_split
+    except ImportError as err:
+        raise ImportError("stratified_split needs scikit-learn: pip install scikit-learn "
+                          "(or subspace_jax[dev])") from err
+    rng = np.random.RandomState(seed)
+    rest, parts = np.arange(len(labels), dtype=np.int64), []
+    for k, fraction in enumerate(fractions[1:], start=1):
+        size = int(len(labels) * fraction + 1e-9)  # floor, blind to round-off (0.29 * 100)
+        if size == 0:
+            parts.append(rest[:0])
+            continue
+        try:
+            rest, part = train_test_split(rest, test_size=size, stratify=labels[rest],
+                                          random_state=rng)
+        except ValueError as err:
+            raise ValueError(f"part {k} (fraction {fraction}, {size} of {len(labels)} "
+                             f"examples): {err}") from None
+        parts.append(part)
+    return tuple(np.sort(p) for p in [rest, *parts])
 
 
 def load_digits(*, seed: int = 0, val_fraction: float = 0.15,

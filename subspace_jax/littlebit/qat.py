@@ -1,0 +1,308 @@
+"""LittleBit QAT: distil a compressed student from its frozen floating-point teacher.
+
+The step is :func:`subspace_jax.train.make_train_step` with a distillation ``loss_fn``; the
+teacher runs in the same jitted step (no cache), its outputs behind ``stop_gradient``:
+
+* decoder (:class:`~subspace_jax.models.llama.Llama`), the paper's recipe exactly:
+  ``KL(teacher || student)`` of the next-token logits (``batchmean``: summed over positions)
+  plus ``10 x`` the sum over layers of the hidden-state MSE (every block output, the last
+  one after the final norm), :func:`~subspace_jax.littlebit.distill_loss`;
+* encoder (:class:`~subspace_jax.models.bert.Bert`, no logits): the same per-layer hidden
+  MSE (padding masked out), with the logit KL replaced by the KL of the in-batch
+  similarity distributions of the mean-pooled sentence embeddings (``cos / tau``, the
+  diagonal left out), which is what retrieval reads, plus ``1 - cos`` between each
+  student embedding and its teacher's.
+
+Per-layer hidden states come from :func:`bert_hidden_states` / :func:`llama_hidden_states`,
+which walk the model's own submodules in the order its ``__call__`` does (the models return
+only their last output; the tests check the walk against ``__call__``).
+
+The teacher's parameters travel in the batch (``batch["teacher"]``, see
+:func:`with_teacher`): arrays closed over by a jitted function become constants baked into
+the executable (a second copy of the model, slower compiles); as a batch entry they are
+plain, non-donated, non-differentiated arguments, left out of the residual count.
+Embeddings and heads are frozen through :func:`subspace_jax.train.trainable_mask`
+(:data:`FROZEN`); the latent factors, scales, biases and norms train.
+
+References:
+    LittleBit, Sec. 3.3 (QAT), arXiv 2506.13771; LittleBit-2, arXiv 2603.00042.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from subspace_jax import rules, train
+from subspace_jax.littlebit.distill import distill_loss
+from subspace_jax.littlebit.form import BinaryLowRank
+from subspace_jax.models import bert
+
+__all__ = [
+    "FROZEN", "train_rules", "bert_hidden_states", "llama_hidden_states", "lm_loss_fn",
+    "encoder_loss_fn", "with_teacher", "setup", "sign_flips",
+]
+
+#: Paths that never train in QAT: embeddings, output heads and BERT's (unused) pooler.
+FROZEN = r"(.*/)?(embed|embeddings|head|pooler)(/.*)?"
+
+
+def train_rules(frozen: str = FROZEN) -> list[rules.Rule]:
+    """Rules for :func:`~subspace_jax.train.trainable_mask`: all but ``frozen`` paths train.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import train
+        >>> from subspace_jax.littlebit import qat
+        >>> params = {"embed": {"embedding": jnp.ones((4, 2))}, "blocks": {"w": jnp.ones(2)}}
+        >>> train.trainable_mask(params, train=qat.train_rules())
+        {'blocks': {'w': True}, 'embed': {'embedding': False}}
+    """
+    return [rules.Rule(pattern=frozen, skip=True), rules.Rule(pattern=".*")]
+
+
+def bert_hidden_states(model: bert.Bert, input_ids: jax.Array, attention_mask: jax.Array,
+                       token_type_ids: jax.Array | None = None) -> list[jax.Array]:
+    """Every encoder layer's output ``(B, T, H)`` (deterministic), as ``Bert.__call__`` runs.
+
+    The last entry equals ``model(input_ids, attention_mask, token_type_ids)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from subspace_jax.littlebit import qat
+        >>> from subspace_jax.models import bert
+        >>> cfg = bert.BertConfig(vocab_size=20, hidden_size=8, num_layers=2, num_heads=2,
+        ...                       intermediate_size=16, max_position_embeddings=8)
+        >>> model, ids = bert.Bert(cfg, rngs=nnx.Rngs(0)), jnp.ones((2, 5), jnp.int32)
+        >>> hs = qat.bert_hidden_states(model, ids, jnp.ones_like(ids))
+        >>> len(hs), bool(jnp.array_equal(hs[-1], model(ids, jnp.ones_like(ids))))
+        (2, True)
+    """
+    types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    mask = attention_mask != 0
+    x = model.embeddings(input_ids, types, deterministic=True, rngs=None)
+    hidden = []
+    for layer in model.encoder.layers:
+        x = layer(x, mask, deterministic=True, rngs=None)
+        hidden.append(x)
+    return hidden
+
+
+def llama_hidden_states(model: Any, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+    """Logits and the ``depth`` hidden states Hugging Face returns after the embeddings.
+
+    Block outputs ``1 .. depth-1``, then the last block's output after the final norm
+    (LittleBit matches exactly these). The logits equal ``model(tokens)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from subspace_jax.littlebit import qat
+        >>> from subspace_jax.models import llama
+        >>> model = llama.Llama(llama.LlamaConfig(vocab_size=32, dim=16, depth=2, heads=2),
+        ...                     rngs=nnx.Rngs(0))
+        >>> tokens = jnp.ones((2, 5), jnp.int32)
+        >>> logits, hs = qat.llama_hidden_states(model, tokens)
+        >>> len(hs), hs[-1].shape, bool(jnp.array_equal(logits, model(tokens)))
+        (2, (2, 5, 16), True)
+    """
+    cfg = model.config
+    positions = jnp.arange(tokens.shape[1])
+    x = model.embed(tokens)
+    hidden = []
+    for block in model.blocks:
+        x = block(x, positions)
+        hidden.append(x)
+    x = model.final_norm(x).astype(cfg.dtype)
+    hidden[-1] = x
+    logits = model.embed.attend(x) if cfg.tie_embeddings else model.head(x)
+    return logits.astype(jnp.float32), hidden
+
+
+def _teacher(graphdef: nnx.GraphDef, batch: dict) -> nnx.Module:
+    state = jax.tree.map(jax.lax.stop_gradient, batch["teacher"])
+    return nnx.merge(graphdef, state)
+
+
+def lm_loss_fn(teacher_graphdef: nnx.GraphDef, *, hidden_weight: float = 10.0,
+               temperature: float = 1.0) -> Callable:
+    """``loss_fn(model, batch, key)`` of LittleBit's decoder QAT (logit KL + hidden MSE).
+
+    ``batch`` holds ``tokens`` (int ``(B, T)``, all positions used) and ``teacher`` (the
+    teacher's ``nnx.state``, see :func:`with_teacher`). Aux metrics: ``kl`` and ``hidden``
+    (the weighted hidden-state term).
+
+    Args:
+        teacher_graphdef: ``nnx.split(teacher)[0]`` of the full-precision model.
+        hidden_weight: weight of the summed per-layer MSE (10 in LittleBit).
+        temperature: softmax temperature of the KL.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from subspace_jax.littlebit import qat
+        >>> from subspace_jax.models import llama
+        >>> model = llama.Llama(llama.LlamaConfig(vocab_size=32, dim=16, depth=2, heads=2),
+        ...                     rngs=nnx.Rngs(0))
+        >>> graphdef, state = nnx.split(model)
+        >>> batch = {"tokens": jnp.ones((2, 5), jnp.int32), "teacher": state}
+        >>> loss, aux = qat.lm_loss_fn(graphdef)(model, batch, jax.random.key(0))
+        >>> float(loss), sorted(aux)  # the student is the teacher
+        (0.0, ['hidden', 'kl'])
+    """
+
+    def loss_fn(model, batch, key):
+        del key
+        tokens = batch["tokens"]
+        logits_t, hidden_t = llama_hidden_states(_teacher(teacher_graphdef, batch), tokens)
+        logits_s, hidden_s = llama_hidden_states(model, tokens)
+        kl = distill_loss(logits_s, logits_t, temperature=temperature)
+        loss = distill_loss(logits_s, logits_t, hidden_s, hidden_t, hidden_weight=hidden_weight,
+                            temperature=temperature)
+        return loss, {"kl": kl, "hidden": loss - kl}
+
+    return loss_fn
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _similarity_logits(emb: jax.Array, tau: float) -> jax.Array:
+    sim = emb @ emb.T / tau
+    return jnp.where(jnp.eye(emb.shape[0], dtype=bool), -1e4, sim)
+
+
+def encoder_loss_fn(teacher_graphdef: nnx.GraphDef, *, hidden_weight: float = 10.0,
+                    tau: float = 0.05, cosine_weight: float = 1.0) -> Callable:
+    """``loss_fn(model, batch, key)`` of encoder QAT (hidden MSE + sentence-embedding terms).
+
+    ``loss = KL(in-batch similarities) + hidden_weight * sum_l masked MSE_l
+    + cosine_weight * mean(1 - cos(e_s, e_t))``, where ``e`` are mean-pooled unit sentence
+    embeddings and the similarity logits are ``e e^T / tau`` without the diagonal. The
+    hidden term is :func:`~subspace_jax.littlebit.distill_loss`'s (with one-class logits,
+    whose KL is 0, so that the token mask applies). ``batch`` holds ``input_ids``,
+    ``attention_mask``, ``token_type_ids`` and ``teacher``; the model is a
+    :class:`~subspace_jax.models.bert.Bert`. Aux: ``kl``, ``hidden``, ``cosine`` (mean
+    cosine to the teacher).
+
+    Args:
+        teacher_graphdef: ``nnx.split(teacher)[0]``.
+        hidden_weight: weight of the summed per-layer MSE (10, LittleBit's).
+        tau: temperature of the similarity logits (a contrastive-learning value).
+        cosine_weight: weight of ``1 - cos``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from subspace_jax.littlebit import qat
+        >>> from subspace_jax.models import bert
+        >>> cfg = bert.BertConfig(vocab_size=20, hidden_size=8, num_layers=2, num_heads=2,
+        ...                       intermediate_size=16, max_position_embeddings=8)
+        >>> model = bert.Bert(cfg, rngs=nnx.Rngs(0))
+        >>> ids = jnp.arange(12).reshape(3, 4) + 1
+        >>> batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids),
+        ...          "token_type_ids": jnp.zeros_like(ids), "teacher": nnx.state(model)}
+        >>> loss, aux = qat.encoder_loss_fn(nnx.split(model)[0])(model, batch, None)
+        >>> abs(float(loss)) < 1e-5, round(float(aux["cosine"]), 4)
+        (True, 1.0)
+    """
+
+    def loss_fn(model, batch, key):
+        del key
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        mask = batch["attention_mask"]
+        hidden_t = bert_hidden_states(_teacher(teacher_graphdef, batch), *inputs)
+        hidden_s = bert_hidden_states(model, *inputs)
+        emb_t = jax.lax.stop_gradient(_unit(bert.mean_pool(hidden_t[-1], mask)))
+        emb_s = _unit(bert.mean_pool(hidden_s[-1], mask))
+        kl = distill_loss(_similarity_logits(emb_s, tau), _similarity_logits(emb_t, tau))
+        one_class = jnp.zeros(mask.shape + (1,), jnp.float32)
+        hidden = distill_loss(one_class, one_class, hidden_s, hidden_t,
+                              hidden_weight=hidden_weight, mask=mask)
+        cosine = jnp.mean(jnp.sum(emb_s * emb_t, axis=-1))
+        loss = kl + hidden + cosine_weight * (1.0 - cosine)
+        return loss, {"kl": kl, "hidden": hidden, "cosine": cosine}
+
+    return loss_fn
+
+
+def with_teacher(batches: Iterable[dict], teacher_state: Any) -> Iterator[dict]:
+    """Add ``teacher=teacher_state`` to every batch (the same arrays, no copy).
+
+    Examples:
+        >>> from subspace_jax.littlebit import qat
+        >>> next(qat.with_teacher([{"tokens": 1}], "state"))
+        {'tokens': 1, 'teacher': 'state'}
+    """
+    for batch in batches:
+        yield {**batch, "teacher": teacher_state}
+
+
+def setup(student: nnx.Module, loss_fn: Callable, tx: optax.GradientTransformation, *,
+          frozen: str = FROZEN) -> tuple[Callable, Any, Any, Any, Any, nnx.GraphDef]:
+    """Split the student, build the jitted QAT step and its optimizer state.
+
+    Args:
+        student: the compressed model (:class:`~subspace_jax.littlebit.BinaryLowRank` kernels).
+        loss_fn: from :func:`lm_loss_fn` or :func:`encoder_loss_fn`.
+        tx: an optax transform (LittleBit: AdamW, no weight decay, cosine schedule).
+        frozen: regex of the paths that do not train (:data:`FROZEN`).
+
+    Returns:
+        ``(step, params, opt_state, rest, mask, graphdef)``, ``step`` from
+        :func:`subspace_jax.train.make_train_step`. ``params`` and ``rest`` are copies, as
+        the step donates them (compression shares the uncompressed leaves with the teacher).
+        Run the step with :func:`subspace_jax.train.fit` on :func:`with_teacher` batches,
+        then ``nnx.merge(graphdef, params, rest)``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from flax import nnx
+        >>> from subspace_jax import littlebit, rules
+        >>> from subspace_jax.littlebit import qat
+        >>> from subspace_jax.models import llama
+        >>> teacher = llama.Llama(llama.LlamaConfig(vocab_size=32, dim=32, depth=1, heads=2),
+        ...                       rngs=nnx.Rngs(0))
+        >>> student = littlebit.compress_model(teacher, rules.Rule(pattern="blocks/.*kernel"),
+        ...                                    bpw=4.0, strict=False, itq_iters=2)
+        >>> tgraph, tstate = nnx.split(teacher)
+        >>> step, params, opt, rest, mask, graphdef = qat.setup(
+        ...     student, qat.lm_loss_fn(tgraph), optax.adam(1e-3))
+        >>> batch = {"tokens": jnp.ones((2, 6), jnp.int32), "teacher": tstate}
+        >>> params, opt, rest, metrics = step(params, opt, rest, batch, jax.random.key(0))
+        >>> sorted(metrics), mask["embed"]["embedding"].get_value()
+        (['hidden', 'kl', 'loss'], False)
+    """
+    graphdef, params, rest = train.split_model(student)
+    # The step donates params and rest: copy them, since compression keeps the uncompressed
+    # leaves (embeddings, norms) as the teacher's own buffers.
+    params, rest = jax.tree.map(jnp.copy, (params, rest))
+    mask = train.trainable_mask(params, train=train_rules(frozen))
+    step = train.make_train_step(graphdef, loss_fn, tx, mask=mask)
+    return step, params, train.init_optimizer(tx, params, mask), rest, mask, graphdef
+
+
+def sign_flips(before: Any, after: Any) -> int:
+    """Number of latent factor entries whose sign differs between two trees of forms.
+
+    Examples:
+        >>> import dataclasses, jax, jax.numpy as jnp
+        >>> from subspace_jax import littlebit
+        >>> from subspace_jax.littlebit import qat
+        >>> k = littlebit.BinaryLowRank.from_dense(jax.random.normal(jax.random.key(0), (16, 16)), rank=8)
+        >>> flipped = dataclasses.replace(k, u=-k.u)
+        >>> qat.sign_flips({"k": k}, {"k": k}), qat.sign_flips({"k": k}, {"k": flipped})
+        (0, 256)
+    """
+    def factors(tree):
+        leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, BinaryLowRank))
+        return [f for x in leaves if isinstance(x, BinaryLowRank) for f in (x.u, x.v)]
+
+    return sum(int(jnp.sum((a >= 0) != (b >= 0))) for a, b in zip(factors(before), factors(after)))

@@ -1,0 +1,229 @@
+"""The user-facing LoRA-Pre optimizers: low-rank moments for matrices, AdamW for the rest.
+
+:func:`lorapre` and :func:`lorapre_muon` split the parameters with ``optax.partition``:
+a leaf goes to the low-rank branch when it has dimension numbers (by default: it is 2-D),
+its folded matrix has ``min(p, q) > rank`` and ``adamw_mask`` does not name it; every other
+leaf (biases, norm scales, small matrices, whatever the mask names) goes to
+``optax.adamw`` with the same learning rate, betas, eps and weight decay, so its updates
+are exactly ``optax.adamw``'s.
+
+References:
+    Wang, Liang, He, Wang, Tan, "Taming Momentum: Rethinking Optimizer States Through
+    Low-Rank Approximation", ICLR 2026, arXiv 2602.24283.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import optax
+
+from subspace_jax.lorapre import _tree, transform
+
+__all__ = ["lorapre", "lorapre_muon", "labels"]
+
+_LOW, _ADAM = "lorapre", "adamw"
+
+
+def _default_spec(x) -> Any:
+    return transform.DimensionNumbers() if getattr(x, "ndim", 0) == 2 else None
+
+
+def labels(params: Any, *, rank: int, weight_dimension_numbers: Any = None,
+           adamw_mask: Any = None, owner: str = "lorapre") -> Any:
+    """The ``optax.partition`` label (``'lorapre'`` or ``'adamw'``) of every leaf.
+
+    Args:
+        params: parameters (or anything with their shapes).
+        rank: factor rank; matrices with ``min(p, q) <= rank`` go to AdamW.
+        weight_dimension_numbers: as :func:`lorapre`.
+        adamw_mask: as :func:`lorapre`.
+        owner: name used in error messages.
+
+    Returns:
+        A tree of strings shaped like ``params``.
+
+    Raises:
+        ValueError: a leaf's dimension numbers do not fit its shape (names path and shape).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> params = {"w": jnp.ones((16, 8)), "small": jnp.ones((4, 4)), "b": jnp.ones(8)}
+        >>> labels(params, rank=4)
+        {'b': 'adamw', 'small': 'adamw', 'w': 'lorapre'}
+    """
+    specs = _tree.flat_specs(owner, params, weight_dimension_numbers, _default_spec)
+    forced = _tree.flat_mask(owner, params, adamw_mask)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    out = []
+    for (path, x), spec, force in zip(flat, specs, forced):
+        if force or spec is None:
+            out.append(_ADAM)
+            continue
+        p, q = _tree.view(owner, _tree.path_str(path), tuple(x.shape), spec).shape[-2:]
+        out.append(_ADAM if min(p, q) <= rank else _LOW)
+    return treedef.unflatten(out)
+
+
+def _low_rank_specs(weight_dimension_numbers: Any):
+    """Dimension numbers for the low-rank branch (whose tree has ``MaskedNode`` elsewhere)."""
+    if weight_dimension_numbers is None:
+        return lambda tree: jax.tree.map(lambda x: transform.DimensionNumbers(), tree)
+    return weight_dimension_numbers
+
+
+def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` traced under standard dtype promotion.
+
+    optax's own ``adamw`` and schedules mix Python floats with int32 step counts, which
+    ``jax_numpy_dtype_promotion='strict'`` rejects; LoRA-Pre's code is strict-clean.
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def init_fn(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_common(owner: str, scale: Any, **betas: Any) -> None:
+    transform._check(owner, 1, **betas)
+    if isinstance(scale, (int, float)) and not scale > 0:
+        raise ValueError(f"{owner}: scale={scale!r} must be > 0")
+
+
+def _split(owner: str, rank: int, low: optax.GradientTransformation,
+           adam: optax.GradientTransformation, weight_dimension_numbers: Any,
+           adamw_mask: Any) -> optax.GradientTransformationExtraArgs:
+    param_labels = functools.partial(labels, rank=rank, owner=owner, adamw_mask=adamw_mask,
+                                     weight_dimension_numbers=weight_dimension_numbers)
+    return optax.partition({_LOW: low, _ADAM: _standard_promotion(adam)}, param_labels)
+
+
+def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.9,
+            b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
+            weight_decay_mask: Any = None, *, scale: float = 1.0, damping: float = 1e-6,
+            init_std: float = 0.02, key: Any = 0, weight_dimension_numbers: Any = None,
+            adamw_mask: Any = None) -> optax.GradientTransformationExtraArgs:
+    """LoRA-Pre Adam: low-rank Adam moments for large matrices, AdamW for the other leaves.
+
+    The low-rank branch chains :func:`~subspace_jax.lorapre.transform.scale_by_lorapre`,
+    the GaLore-style ``scale``, decoupled weight decay and the learning rate; persistent
+    state is ``2 r (p + q)`` float32 numbers per matrix instead of AdamW's ``2 p q``.
+
+    Args:
+        learning_rate: a float or an optax schedule (shared by both branches).
+        rank: factor rank ``r`` (static: use ``static_args=("rank",)`` with
+            ``optax.inject_hyperparams``).
+        b1, b2, eps: Adam's, for both branches (``b2`` defaults to the paper's 0.95).
+        weight_decay: decoupled weight decay, multiplied by the learning rate.
+        weight_decay_mask: bools (tree, prefix or callable of the params): where to decay.
+        scale: multiplies the low-rank branch's direction (GaLore's protocol, which the
+            paper follows for pre-training, uses 0.25 with a larger learning rate).
+        damping, init_std, key: as :func:`~subspace_jax.lorapre.transform.scale_by_lorapre`.
+        weight_dimension_numbers: ``None`` (2-D leaves are matrices), one
+            :data:`~subspace_jax.lorapre.transform.DimensionNumbers`, a prefix tree of
+            them (``None`` entries: AdamW), or a callable of the params. A 3-D attention
+            kernel ``(embed, heads, head_dim)`` is one matrix with
+            ``DimensionNumbers(reduction_axis=0, output_axis=(1, 2))``.
+        adamw_mask: bools (tree, prefix or callable of the params): leaves forced to AdamW.
+
+    Returns:
+        An ``optax.partition`` transform (labels from :func:`labels`).
+
+    Raises:
+        ValueError: ``rank < 1``, a beta outside ``[0, 1)`` or ``scale <= 0`` (here); a
+            dimension-number spec that does not fit a leaf (at ``init``, naming the leaf).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> params = {"w": jnp.ones((32, 16)), "b": jnp.zeros(16)}
+        >>> tx = lorapre(1e-3, rank=4, weight_decay=0.1)
+        >>> state = tx.init(params)
+        >>> updates, state = jax.jit(tx.update)(params, state, params)
+        >>> params = optax.apply_updates(params, updates)
+        >>> lorapre(1e-3, rank=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: lorapre: rank=0 must be a Python int >= 1 (it is static)
+
+    References:
+        arXiv 2602.24283.
+    """
+    transform._check("lorapre", rank)
+    _check_common("lorapre", scale, b1=b1, b2=b2)
+    decay_mask = _tree.partition_safe(weight_decay_mask)
+    low = optax.chain(
+        transform.scale_by_lorapre(rank, b1, b2, eps, damping=damping, init_std=init_std,
+                                   key=key, weight_dimension_numbers=_low_rank_specs(
+                                       weight_dimension_numbers)),
+        optax.scale(scale),
+        optax.add_decayed_weights(weight_decay, decay_mask),
+        _standard_promotion(optax.scale_by_learning_rate(learning_rate)),
+    )
+    adam = optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
+    return _split("lorapre", rank, low, adam, weight_dimension_numbers, adamw_mask)
+
+
+def lorapre_muon(learning_rate: optax.ScalarOrSchedule, rank: int = 8, beta: float = 0.95,
+                 ns_steps: int = 5, eps: float = 1e-8, weight_decay: float = 0.0,
+                 weight_decay_mask: Any = None, *, nesterov: bool = True,
+                 adam_b1: float = 0.9, adam_b2: float = 0.999, adam_weight_decay: float = 0.0,
+                 adam_learning_rate: optax.ScalarOrSchedule | None = None,
+                 damping: float = 1e-6, init_std: float = 0.02, key: Any = 0,
+                 weight_dimension_numbers: Any = None, adamw_mask: Any = None,
+                 ) -> optax.GradientTransformationExtraArgs:
+    """LoRA-Pre Muon: Muon with a low-rank momentum for large matrices, AdamW for the rest.
+
+    Mirrors ``optax.contrib.muon``'s arguments and defaults (Nesterov, width scaling,
+    AdamW for non-matrix leaves with its own betas, weight decay and learning rate);
+    persistent state is ``r (p + q)`` float32 numbers per matrix instead of ``p q``.
+
+    Args:
+        learning_rate: a float or an optax schedule for the Muon branch.
+        rank: factor rank ``r`` (static).
+        beta, ns_steps, eps, nesterov: as
+            :func:`~subspace_jax.lorapre.transform.scale_by_lorapre_muon`.
+        weight_decay: decoupled weight decay of the Muon branch (times the learning rate).
+        weight_decay_mask: bools (tree, prefix or callable): where the Muon branch decays.
+        adam_b1, adam_b2, adam_weight_decay: the AdamW branch's.
+        adam_learning_rate: the AdamW branch's (None: ``learning_rate``).
+        damping, init_std, key: as
+            :func:`~subspace_jax.lorapre.transform.scale_by_lorapre`.
+        weight_dimension_numbers, adamw_mask: as :func:`lorapre`.
+
+    Returns:
+        An ``optax.partition`` transform.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> params = {"w": jnp.ones((32, 16)), "b": jnp.zeros(16)}
+        >>> tx = lorapre_muon(0.02, rank=4, adam_learning_rate=1e-3)
+        >>> updates, state = tx.update(params, tx.init(params), params)
+        >>> state.inner_states["lorapre"].inner_state[0].mu["w"].B.shape
+        (32, 4)
+
+    References:
+        arXiv 2602.24283.
+    """
+    transform._check("lorapre_muon", rank)
+    _check_common("lorapre_muon", 1.0, beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)
+    low = optax.chain(
+        transform.scale_by_lorapre_muon(rank, beta, ns_steps, eps, nesterov=nesterov,
+                                        damping=damping, init_std=init_std, key=key,
+                                        weight_dimension_numbers=_low_rank_specs(
+                                            weight_dimension_numbers)),
+        optax.add_decayed_weights(weight_decay, _tree.partition_safe(weight_decay_mask)),
+        _standard_promotion(optax.scale_by_learning_rate(learning_rate)),
+    )
+    adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+    adam = optax.adamw(adam_lr, adam_b1, adam_b2, eps, weight_decay=adam_weight_decay,
+                       nesterov=nesterov)
+    return _split("lorapre_muon", rank, low, adam, weight_dimension_numbers, adamw_mask)

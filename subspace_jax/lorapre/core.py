@@ -1,0 +1,196 @@
+"""LoRA-Pre array maths: low-rank moment factors and their closed-form updates.
+
+Arrays in, arrays out, float32, any leading batch axes (``@`` broadcasts over them). A
+moment of a ``p x q`` matrix is kept as :class:`Factors` ``B (p, r) @ A (r, q)``. The
+exponential moving average ``m <- beta m + (1 - beta) g`` is one gradient step on
+``0.5 ||m - g||^2``; restricted to ``m = B A`` and solved for one factor with the other
+fixed, a Newton step of size ``gamma`` moves each factor toward its exact least-squares
+value (:func:`newton_step`). Each factor decays by ``1 - gamma`` per step, so the product
+decays by ``(1 - gamma)^2``: matching Adam's ``beta`` gives :func:`gamma_for`.
+
+References:
+    Wang, Liang, He, Wang, Tan, "Taming Momentum: Rethinking Optimizer States Through
+    Low-Rank Approximation", ICLR 2026, arXiv 2602.24283 (Theorem 3.1, Appendix B.1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Factors", "init_factors", "reconstruct", "newton_step", "gamma_for",
+           "newton_schulz", "rebalance", "NS_COEFFS"]
+
+# Quintic Newton-Schulz coefficients of Muon (Jordan et al., 2024): the slope at zero is
+# pushed high so that five steps bring every singular value near 1.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+_FLOOR = 1e-30  # keeps the damped Gram invertible when a factor is exactly zero (step 1)
+
+
+class Factors(NamedTuple):
+    """A low-rank moment ``B @ A`` of a ``(..., p, q)`` matrix, in float32.
+
+    Attributes:
+        B: ``(..., p, r)`` left factor (starts at zero).
+        A: ``(..., r, q)`` right factor (starts Gaussian).
+    """
+
+    B: jax.Array
+    A: jax.Array
+
+
+def _t(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def init_factors(key: jax.Array, shape: tuple[int, ...], rank: int,
+                 init_std: float = 0.02) -> Factors:
+    """Factors of a zero moment: ``B = 0``, ``A ~ N(0, init_std^2)``.
+
+    ``A`` must be non-degenerate: the first ``B`` step projects the gradient onto its rows.
+
+    Args:
+        key: PRNG key for ``A``.
+        shape: ``(..., p, q)``, the matrix (with leading batch axes) the moment stands for.
+        rank: ``r``.
+        init_std: standard deviation of ``A``.
+
+    Returns:
+        :class:`Factors` with ``B (..., p, r)`` and ``A (..., r, q)``.
+
+    Examples:
+        >>> import jax
+        >>> f = init_factors(jax.random.key(0), (6, 5), 2)
+        >>> f.B.shape, f.A.shape, float(abs(reconstruct(f)).max())
+        ((6, 2), (2, 5), 0.0)
+    """
+    *batch, p, q = shape
+    b = jnp.zeros((*batch, p, rank), jnp.float32)
+    a = init_std * jax.random.normal(key, (*batch, rank, q), jnp.float32)
+    return Factors(B=b, A=a)
+
+
+def reconstruct(f: Factors) -> jax.Array:
+    """The moment ``B @ A``, ``(..., p, q)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> reconstruct(Factors(jnp.ones((3, 1)), 2 * jnp.ones((1, 4)))).sum()
+        Array(24., dtype=float32)
+    """
+    return f.B @ f.A
+
+
+def _damped_solve(gram: jax.Array, rhs: jax.Array, damping) -> jax.Array:
+    """``(G + lambda I)^{-1} rhs`` with ``lambda = damping * mean(diag G) + floor``.
+
+    The damping is relative to the Gram's scale, so the step is invariant under
+    ``B -> c B, A -> A / c``; the floor keeps ``G = 0`` (a zero factor) solvable.
+    """
+    r = gram.shape[-1]
+    diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
+    lam = damping * diag.mean(-1)[..., None, None] + _FLOOR
+    return jnp.linalg.solve(gram + lam * jnp.eye(r, dtype=gram.dtype), rhs)
+
+
+def newton_step(f: Factors, target: jax.Array, gamma, damping=1e-6, *,
+                sequential: bool = True) -> Factors:
+    """One damped-Newton step of both factors toward ``target``.
+
+    ``B <- (1 - gamma) B + gamma T A^T (A A^T)^{-1}``, then
+    ``A <- (1 - gamma) A + gamma (B^T B)^{-1} B^T T`` with the new ``B``: each factor moves
+    toward its exact least-squares fit to ``T`` given the other. Only ``r x r`` solves; no
+    SVD, no autodiff. Then :func:`rebalance` makes ``B`` orthonormal.
+
+    The sequential (Gauss-Seidel) order makes the product an exact EMA,
+    ``B'A' = beta BA + (1 - beta) T`` with ``beta = (1 - gamma)^2``, whenever ``T`` lies
+    in the factors' row and column spaces. The simultaneous order (``sequential=False``,
+    both right-hand sides from the old factors) adds ``gamma^2 T (BA)^+ T``, which is
+    quadratic in the gradient: on zero-mean gradient noise it does not track the EMA.
+
+    Args:
+        f: current factors.
+        target: ``(..., p, q)`` float32 matrix to fit (``g`` for the first moment,
+            ``|g|`` for the second).
+        gamma: step size in ``[0, 1]`` (:func:`gamma_for`).
+        damping: relative Tikhonov damping of the ``r x r`` Gram matrices.
+        sequential: update ``A`` from the new ``B`` (default) or from the old one.
+
+    Returns:
+        The new :class:`Factors`.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> t = jnp.outer(jnp.arange(1.0, 5.0), jnp.ones(3))  # rank 1
+        >>> f = newton_step(init_factors(jax.random.key(0), t.shape, 1), t, gamma=1.0)
+        >>> bool(jnp.allclose(reconstruct(f), t, rtol=1e-4))
+        True
+    """
+    keep = 1 - gamma
+    b_ls = _t(_damped_solve(f.A @ _t(f.A), f.A @ _t(target), damping))  # T A^T (A A^T)^-1
+    b = keep * f.B + gamma * b_ls
+    left = b if sequential else f.B
+    a_ls = _damped_solve(_t(left) @ left, _t(left) @ target, damping)  # (B^T B)^-1 B^T T
+    return rebalance(Factors(B=b, A=keep * f.A + gamma * a_ls))
+
+
+def rebalance(f: Factors) -> Factors:
+    """The same product with orthonormal ``B``: ``B = Q R -> (Q, R A)`` (when ``p >= r``).
+
+    The Newton steps are equivariant under ``(B, A) -> (B M, M^{-1} A)``, so this gauge
+    choice changes no product in exact arithmetic; it stops the factors' scales from
+    drifting apart (one growing, the other collapsing) until the ``r x r`` solves fail.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> k1, k2 = jax.random.split(jax.random.key(0))
+        >>> f = Factors(jax.random.normal(k1, (6, 2)), jax.random.normal(k2, (2, 5)))
+        >>> g = rebalance(f)
+        >>> bool(jnp.allclose(reconstruct(g), reconstruct(f), atol=1e-5))
+        True
+        >>> bool(jnp.allclose(g.B.T @ g.B, jnp.eye(2), atol=1e-5))
+        True
+    """
+    if f.B.shape[-2] < f.B.shape[-1]:
+        return f
+    q, r = jnp.linalg.qr(f.B)
+    return Factors(B=q, A=r @ f.A)
+
+
+def gamma_for(beta, power: int = 2):
+    """The factor step ``gamma = 1 - beta ** (1 / power)`` that makes the moment decay by ``beta``.
+
+    ``power=2`` for a product ``B A`` (the first moment, Muon's momentum); ``power=4`` for
+    the second moment ``(B A)^2``, whose factors fit ``|g|``.
+
+    Examples:
+        >>> round(float(gamma_for(0.9)), 4), round(float(gamma_for(0.95, power=4)), 4)
+        (0.0513, 0.0127)
+    """
+    return 1 - jnp.asarray(beta, jnp.float32) ** (1.0 / power)
+
+
+def newton_schulz(x: jax.Array, steps: int = 5, eps: float = 1e-8) -> jax.Array:
+    """Approximate polar factor ``U V^T`` of ``(..., p, q)`` by quintic Newton-Schulz.
+
+    Frobenius-normalises, then iterates ``X <- a X + (b S + c S^2) X`` with ``S = X X^T``
+    on the wide orientation (as optax's Muon does). Singular values end near 1 (within
+    about 0.7-1.2, by design of :data:`NS_COEFFS`), directions exact.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> o = newton_schulz(jax.random.normal(jax.random.key(0), (16, 8)))
+        >>> s = jnp.linalg.svd(o, compute_uv=False)
+        >>> bool((s > 0.6).all() & (s < 1.3).all())
+        True
+    """
+    tall = x.shape[-2] > x.shape[-1]
+    x = _t(x) if tall else x
+    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+    a, b, c = NS_COEFFS
+    for _ in range(steps):
+        s = x @ _t(x)
+        x = a * x + (b * s + c * (s @ s)) @ x
+    return _t(x) if tall else x

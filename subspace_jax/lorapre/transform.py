@@ -1,0 +1,248 @@
+"""LoRA-Pre as optax transforms: Adam and Muon whose moments are low-rank factors.
+
+:func:`scale_by_lorapre` keeps, per matrix, factors of the first moment (fit to ``g``) and
+of ``|g|`` (squared to give the second moment), advanced every step in closed form
+(:func:`subspace_jax.lorapre.core.newton_step`); the step itself mixes the previous factors
+with the full-rank current gradient. :func:`lorapre` is the user-facing optimizer:
+matrices go through it, everything else (and matrices with ``min(p, q) <= rank``) through
+``optax.adamw``. :func:`scale_by_lorapre_muon` / :func:`lorapre_muon` do the same for
+Muon's momentum (one factor pair, Newton-Schulz orthogonalisation).
+
+Factor maths runs in float32; updates keep the gradient's dtype. ``rank`` is static (it
+sets the state's shapes); betas, eps, the learning rate and weight decay can be injected
+(``optax.inject_hyperparams(lorapre, static_args=("rank",))``).
+
+References:
+    Wang, Liang, He, Wang, Tan, "Taming Momentum: Rethinking Optimizer States Through
+    Low-Rank Approximation", ICLR 2026, arXiv 2602.24283 (Algorithms 1 and 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from subspace_jax.lorapre import _tree, core
+
+__all__ = ["LoRAPreState", "LoRAPreMuonState", "DimensionNumbers", "scale_by_lorapre",
+           "scale_by_lorapre_muon"]
+
+DimensionNumbers = _tree.DimensionNumbers
+
+
+class LoRAPreState(NamedTuple):
+    """State of :func:`scale_by_lorapre`: ``2 r (p + q)`` float32 numbers per matrix.
+
+    Attributes:
+        count: ``()`` int32, steps taken.
+        mu: params-shaped tree of :class:`~subspace_jax.lorapre.core.Factors` of the first
+            moment (``B (..., p, r)``, ``A (..., r, q)``); ``optax.MaskedNode`` where masked.
+        nu: the same for the second moment's root: ``(B @ A) ** 2`` approximates Adam's ``v``.
+    """
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+class LoRAPreMuonState(NamedTuple):
+    """State of :func:`scale_by_lorapre_muon`: ``r (p + q)`` float32 numbers per matrix.
+
+    Attributes:
+        count: ``()`` int32, steps taken.
+        mu: params-shaped tree of :class:`~subspace_jax.lorapre.core.Factors` of the momentum.
+    """
+
+    count: jax.Array
+    mu: Any
+
+
+def _check(owner: str, rank: Any, **betas: Any) -> None:
+    """Construction-time checks; arrays (injected hyperparameters) are left to the caller."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"{owner}: rank={rank!r} must be a Python int >= 1 (it is static)")
+    for name, value in betas.items():
+        if isinstance(value, (int, float)) and not 0 <= value < 1:
+            raise ValueError(f"{owner}: {name}={value!r} must lie in [0, 1)")
+
+
+def _increment(count: jax.Array) -> jax.Array:
+    return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
+
+
+def _leaves(owner: str, tree: Any, dim_nums: Any) -> list[tuple[str, Any, _tree.View]]:
+    """``(path, leaf, view)`` per leaf; every leaf must have dimension numbers that fit."""
+    default = lambda x: DimensionNumbers()  # noqa: E731
+    specs = _tree.flat_specs(owner, tree, dim_nums, default)
+    out = []
+    for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(tree)[0], specs):
+        name = _tree.path_str(path)
+        if spec is None:
+            raise ValueError(f"{owner}: leaf {name!r} of shape {x.shape} has no dimension "
+                             "numbers; route it elsewhere (lorapre() sends it to AdamW)")
+        out.append((name, x, _tree.view(owner, name, tuple(x.shape), spec)))
+    return out
+
+
+def _init(owner: str, params: Any, dim_nums: Any, rank: int, key: Any, init_std: float,
+          moments: int) -> tuple[jax.Array, list]:
+    """The zero count and ``moments`` params-shaped trees of factors."""
+    key = key if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+        key.dtype, jax.dtypes.prng_key) else jax.random.key(key)
+    leaves, treedef = jax.tree.flatten(params)
+    trees = [[] for _ in range(moments)]
+    for i, (_, x, v) in enumerate(_leaves(owner, params, dim_nums)):
+        for j, keys in enumerate(jax.random.split(jax.random.fold_in(key, i), moments)):
+            f = core.init_factors(keys, v.shape, rank, init_std)
+            trees[j].append(_tree.place_like(f, x, v))
+    del leaves
+    return jnp.zeros([], jnp.int32), [treedef.unflatten(t) for t in trees]
+
+
+def _factor_list(tree: Any) -> list[core.Factors]:
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, core.Factors))
+
+
+def scale_by_lorapre(rank: int = 8, b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, *,
+                     damping: float = 1e-6, init_std: float = 0.02, key: Any = 0,
+                     weight_dimension_numbers: Any = None,
+                     ) -> optax.GradientTransformationExtraArgs:
+    """Adam's direction with low-rank moments updated in closed form (LoRA-Pre, Algorithm 1).
+
+    Per matrix ``g`` (``p x q``, folded by its dimension numbers), with previous factors
+    ``(m_B, m_A)`` of the first moment and ``(v_B, v_A)`` of ``|g|``::
+
+        m = b1 m_B m_A + (1 - b1) g              v = b2 (v_B v_A)^2 + (1 - b2) g^2
+        update = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    then ``(m_B, m_A)`` take a damped-Newton step toward ``g`` with
+    ``gamma1 = 1 - sqrt(b1)`` and ``(v_B, v_A)`` toward ``|g|`` with
+    ``gamma2 = 1 - b2 ** (1/4)``, so that the products decay like Adam's moments.
+
+    Args:
+        rank: factor rank ``r`` (static).
+        b1: first-moment decay, in ``[0, 1)``.
+        b2: second-moment decay, in ``[0, 1)`` (the paper's 0.95; ``b2 -> 1`` makes the
+            ``|g|`` factors learn very slowly).
+        eps: added to ``sqrt(v)``.
+        damping: relative Tikhonov damping of the ``r x r`` solves.
+        init_std: standard deviation of the initial ``A`` factors (``B`` starts at zero).
+        key: PRNG key or int seed for the ``A`` factors (split per leaf by position).
+        weight_dimension_numbers: ``None`` (every leaf is a 2-D matrix), one
+            :data:`DimensionNumbers`, a prefix tree of them, or a callable of the params.
+            Every leaf needs one (use :func:`lorapre` to route the others to AdamW).
+
+    Returns:
+        A transform with state :class:`LoRAPreState`; init works on abstract params and
+        places each factor on the mesh of a concretely sharded parameter.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> tx = scale_by_lorapre(rank=2)
+        >>> state = tx.init({"w": jnp.ones((8, 6))})
+        >>> state.mu["w"].B.shape, state.mu["w"].A.shape, state.nu["w"].B.shape
+        ((8, 2), (2, 6), (8, 2))
+        >>> updates, state = tx.update({"w": jnp.full((8, 6), 0.5)}, state)
+        >>> round(float(updates["w"][0, 0]), 6)  # step 1 is Adam's: g / |g|
+        1.0
+
+    References:
+        arXiv 2602.24283.
+    """
+    _check("scale_by_lorapre", rank, b1=b1, b2=b2)
+
+    def init_fn(params):
+        count, (mu, nu) = _init("scale_by_lorapre", params, weight_dimension_numbers, rank,
+                                key, init_std, moments=2)
+        return LoRAPreState(count=count, mu=mu, nu=nu)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        count = _increment(state.count)
+        t = count.astype(jnp.float32)
+        gamma1, gamma2 = core.gamma_for(b1), core.gamma_for(b2, power=4)
+        leaves = _leaves("scale_by_lorapre", updates, weight_dimension_numbers)
+        out, mus, nus = [], [], []
+        for (_, g, v), mu, nu in zip(leaves, _factor_list(state.mu), _factor_list(state.nu)):
+            gm = v.to_matrix(g.astype(jnp.float32))
+            m = b1 * core.reconstruct(mu) + (1 - b1) * gm
+            s = b2 * jnp.square(core.reconstruct(nu)) + (1 - b2) * jnp.square(gm)
+            step = (m / (1 - b1 ** t)) / (jnp.sqrt(s / (1 - b2 ** t)) + eps)
+            out.append(v.from_matrix(step).astype(g.dtype))
+            mus.append(core.newton_step(mu, gm, gamma1, damping))
+            nus.append(core.newton_step(nu, jnp.abs(gm), gamma2, damping))
+        treedef = jax.tree.structure(updates)
+        mu_def = jax.tree.structure(state.mu, is_leaf=lambda x: isinstance(x, core.Factors))
+        return treedef.unflatten(out), LoRAPreState(
+            count=count, mu=mu_def.unflatten(mus), nu=mu_def.unflatten(nus))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_lorapre_muon(rank: int = 8, beta: float = 0.95, ns_steps: int = 5,
+                          eps: float = 1e-8, *, nesterov: bool = True, damping: float = 1e-6,
+                          init_std: float = 0.02, key: Any = 0,
+                          weight_dimension_numbers: Any = None,
+                          ) -> optax.GradientTransformationExtraArgs:
+    """Muon's direction with its momentum as one low-rank factor pair (LoRA-Pre, Algorithm 2).
+
+    Follows optax's Muon: EMA momentum ``m = beta m_B m_A + (1 - beta) g`` from the
+    previous factors, bias correction (Nesterov by default), quintic Newton-Schulz, then
+    optax's width scale ``sqrt(max(1, q / p))``. The factors step toward ``g`` with
+    ``gamma = 1 - sqrt(beta)``.
+
+    Args:
+        rank: factor rank ``r`` (static).
+        beta: momentum decay, in ``[0, 1)``.
+        ns_steps: Newton-Schulz iterations.
+        eps: Frobenius-normalisation guard.
+        nesterov: look-ahead momentum, as optax's ``muon`` (default True).
+        damping, init_std, key, weight_dimension_numbers: as :func:`scale_by_lorapre`.
+
+    Returns:
+        A transform with state :class:`LoRAPreMuonState`.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> tx = scale_by_lorapre_muon(rank=2)
+        >>> g = {"w": jax.random.normal(jax.random.key(0), (8, 6))}
+        >>> u, state = tx.update(g, tx.init(g))
+        >>> u["w"].shape, state.mu["w"].A.shape
+        ((8, 6), (2, 6))
+
+    References:
+        arXiv 2602.24283.
+    """
+    _check("scale_by_lorapre_muon", rank, beta=beta)
+
+    def init_fn(params):
+        count, (mu,) = _init("scale_by_lorapre_muon", params, weight_dimension_numbers, rank,
+                             key, init_std, moments=1)
+        return LoRAPreMuonState(count=count, mu=mu)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        count = _increment(state.count)
+        t = count.astype(jnp.float32)
+        gamma = core.gamma_for(beta)
+        leaves = _leaves("scale_by_lorapre_muon", updates, weight_dimension_numbers)
+        out, mus = [], []
+        for (_, g, v), mu in zip(leaves, _factor_list(state.mu)):
+            gm = v.to_matrix(g.astype(jnp.float32))
+            m = beta * core.reconstruct(mu) + (1 - beta) * gm
+            if nesterov:
+                m = beta * m / (1 - beta ** (t + 1)) + (1 - beta) * gm / (1 - beta ** t)
+            else:
+                m = m / (1 - beta ** t)
+            p, q = v.shape[-2:]
+            o = core.newton_schulz(m, ns_steps, eps) * max(1.0, q / p) ** 0.5
+            out.append(v.from_matrix(o).astype(g.dtype))
+            mus.append(core.newton_step(mu, gm, gamma, damping))
+        mu_def = jax.tree.structure(state.mu, is_leaf=lambda x: isinstance(x, core.Factors))
+        return jax.tree.structure(updates).unflatten(out), LoRAPreMuonState(
+            count=count, mu=mu_def.unflatten(mus))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
