@@ -152,6 +152,7 @@ ENTRIES: dict[str, Entry] = {
         "minilm_finetune_lora.json": lambda d: [_row(f"MiniLM LoRA r{d['config']['lora_rank']}", d)],
     }),
     "lorapre": Entry.from_script("lorapre", "lorapre_finetune"),
+    "littlebit": Entry.from_script("littlebit", "littlebit_finetune"),
 }
 
 

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from subspace_jax import forms, nn as sjnn, rules
+from subspace_jax import forms, nn as sjnn
+from subspace_jax import rules as rules_lib
 from subspace_jax.littlebit import core
 from subspace_jax.littlebit.form import BinaryLowRank, PackedBinaryLowRank
 
@@ -34,7 +35,7 @@ _FORMS = (BinaryLowRank, PackedBinaryLowRank)
 
 def compress(
     tree: Any,
-    rules_: rules.Rule | Sequence[rules.Rule],
+    rules: rules_lib.Rule | Sequence[rules_lib.Rule],
     bpw: float,
     *,
     residual: bool = True,
@@ -53,7 +54,7 @@ def compress(
 
     Args:
         tree: an ``nnx.State``, a nested dict or linen variables.
-        rules_: plain :class:`~subspace_jax.rules.Rule` objects (skip rules allowed); first
+        rules: plain :class:`~subspace_jax.rules.Rule` objects (skip rules allowed); first
             match wins.
         bpw: target bits per weight of each selected kernel.
         residual: two paths per kernel (primary + residual).
@@ -88,7 +89,7 @@ def compress(
     key = jax.random.key(0) if key is None else key
     counter = itertools.count()
 
-    def one(path: str, kernel: Any, rule: rules.Rule) -> BinaryLowRank:
+    def one(path: str, kernel: Any, rule: rules_lib.Rule) -> BinaryLowRank:
         if forms.is_form(kernel):
             raise TypeError(f"kernel is already a {type(kernel).__name__}; compress dense kernels")
         if getattr(kernel, "ndim", None) != 2:
@@ -98,7 +99,7 @@ def compress(
             kernel, rank=rank, residual=residual, itq_iters=itq_iters if itq else 0,
             key=jax.random.fold_in(key, next(counter)), grad=grad)
 
-    return rules.apply(tree, rules_, one, allow_unused=allow_unused)
+    return rules_lib.apply(tree, rules, one, allow_unused=allow_unused)
 
 
 def deploy(tree: Any, *, word: Any = np.uint8, scale_dtype: Any = np.float16) -> Any:
@@ -142,7 +143,7 @@ def deploy(tree: Any, *, word: Any = np.uint8, scale_dtype: Any = np.float16) ->
         except (ValueError, TypeError) as e:
             raise type(e)(f"at {path!r} (shape {leaf.shape}): {e}") from e
 
-    out = rules.map_with_path(one, tree)
+    out = rules_lib.map_with_path(one, tree)
     if not found:
         raise ValueError("deploy: the tree holds no BinaryLowRank form (run compress first)")
     return out
@@ -323,7 +324,7 @@ def accounting(tree: Any, *, word: Any = np.uint8) -> Accounting:
         (32, 0.7656, {'norm': 8192})
     """
     layers, others = [], []
-    for path, leaf in rules.leaf_paths(tree)[0]:
+    for path, leaf in rules_lib.leaf_paths(tree)[0]:
         value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
         if isinstance(value, _FORMS):
             layers.append(_layer_bits(path, value, word))
@@ -337,7 +338,7 @@ def accounting(tree: Any, *, word: Any = np.uint8) -> Accounting:
 
 def compress_model(
     model: nnx.Module,
-    rules_: rules.Rule | Sequence[rules.Rule],
+    rules: rules_lib.Rule | Sequence[rules_lib.Rule],
     bpw: float,
     *,
     deployed: bool = False,
@@ -351,7 +352,7 @@ def compress_model(
 
     Args:
         model: any Flax NNX module.
-        rules_: rules on the paths of ``nnx.state(model)`` (e.g. ``r".*mlp/(up|down)/kernel"``).
+        rules: rules on the paths of ``nnx.state(model)`` (e.g. ``r".*mlp/(up|down)/kernel"``).
         bpw: target bits per weight.
         deployed: return the packed model (inference only).
         **kwargs: passed to :func:`compress`.
@@ -371,7 +372,7 @@ def compress_model(
         ('PackedBinaryLowRank', (2, 4))
     """
     graphdef, state = nnx.split(sjnn.adopt(model))
-    state = compress(state, rules_, bpw, **kwargs)
+    state = compress(state, rules, bpw, **kwargs)
     if deployed:
         state = deploy(state)
     return nnx.merge(graphdef, state)
