@@ -106,8 +106,10 @@ def optimizers(s: Settings) -> dict[str, optax.GradientTransformation]:
     wd = cfg.weight_decay
     clip = lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx)  # noqa: E731
     out = {"adamw": pretrain.lm_optimizer(cfg),  # the repository's baseline, clip included
+           # optax.adafactor adds its weight decay after the learning rate: scale it by the
+           # schedule to get the same decoupled lr * wd decay as the others
            "adafactor": clip(optax.adafactor(sched, multiply_by_parameter_scale=False,
-                                             weight_decay_rate=wd,
+                                             weight_decay_rate=lambda c: wd * sched(c),
                                              weight_decay_mask=_decay_mask))}
     for r in s.galore_ranks:
         galore_dims = lambda p: jax.tree.map(  # noqa: E731
