@@ -14,7 +14,7 @@ update alone as ratios to AdamW, measured round-robin in one process
 
 Writes ``results/lorapre[_quick].json``, ``.png`` (validation curves) and
 ``_memory.png`` (state and transient bytes). :func:`run` is importable
-(``run(Settings.make(quick=True))``: AdamW and LoRA-Pre rank 8, about 30 s on two cores).
+(``run(Settings.make(quick=True))``: AdamW and LoRA-Pre rank 8, about one CPU-minute).
 """
 
 from __future__ import annotations
