@@ -14,7 +14,7 @@ update alone as ratios to AdamW, measured round-robin in one process
 
 Writes ``results/lorapre[_quick].json``, ``.png`` (validation curves) and
 ``_memory.png`` (state and transient bytes). :func:`run` is importable
-(``run(Settings.make(quick=True))``: AdamW and LoRA-Pre rank 8, about 30 s on two cores).
+(``run(Settings.make(quick=True))``: AdamW and LoRA-Pre rank 8, about one CPU-minute).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Settings:
 
     @classmethod
     def make(cls, *, quick: bool = False, **overrides: Any) -> Settings:
-        """Quick settings (tiny corpus, AdamW and LoRA-Pre rank 8) or the full ones, then overrides."""
+        """Quick settings (tiny corpus, AdamW and LoRA-Pre rank 8) or full ones, overridden."""
         own = {f.name for f in dataclasses.fields(cls)} - {"lm"}
         mine = {**(_QUICK if quick else {}), **{k: v for k, v in overrides.items() if k in own}}
         lm = pretrain.LMConfig.make(quick=quick, **{k: v for k, v in overrides.items()
@@ -106,8 +106,10 @@ def optimizers(s: Settings) -> dict[str, optax.GradientTransformation]:
     wd = cfg.weight_decay
     clip = lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx)  # noqa: E731
     out = {"adamw": pretrain.lm_optimizer(cfg),  # the repository's baseline, clip included
+           # optax.adafactor adds its weight decay after the learning rate: scale it by the
+           # schedule to get the same decoupled lr * wd decay as the others
            "adafactor": clip(optax.adafactor(sched, multiply_by_parameter_scale=False,
-                                             weight_decay_rate=wd,
+                                             weight_decay_rate=lambda c: wd * sched(c),
                                              weight_decay_mask=_decay_mask))}
     for r in s.galore_ranks:
         galore_dims = lambda p: jax.tree.map(  # noqa: E731
@@ -125,6 +127,9 @@ def optimizers(s: Settings) -> dict[str, optax.GradientTransformation]:
                                           **muon_common))
     out[f"lorapre_muon_r{s.muon_rank}"] = clip(lorapre_muon(
         muon_sched, rank=s.muon_rank, adamw_mask=_is_embedding, **muon_common))
+    first = ["adamw", "lorapre_r8", "galore_r8", "lorapre_r32", "galore_r32", "muon",
+             f"lorapre_muon_r{s.muon_rank}"]  # the key pairs first, if a run is cut short
+    out = {k: out[k] for k in sorted(out, key=lambda k: first.index(k) if k in first else 99)}
     if s.optimizers is not None:
         unknown = set(s.optimizers) - set(out)
         if unknown:
@@ -169,6 +174,8 @@ def measure_optimizers(s: Settings, txs: dict[str, optax.GradientTransformation]
         for name in fns:
             out[name][f"{label}_seconds"] = comparison.median(name)
             out[name][f"{label}_time_ratio_vs_{first}"] = comparison.ratio(name, first)
+            out[name][f"{label}_min_ratio_vs_{first}"] = (comparison.timings[name].min
+                                                          / comparison.timings[first].min)
     return out
 
 
@@ -177,8 +184,11 @@ def _std(fn, *args):
         return fn(*args)
 
 
-def run(settings: Settings | None = None, *, progress: bool = False) -> dict[str, Any]:
+def run(settings: Settings | None = None, *, progress: bool = False,
+        on_result: Any = None) -> dict[str, Any]:
     """Train every optimizer of ``settings`` and measure it; a JSON-ready dict.
+
+    ``on_result(partial)``, if given, receives the result so far after each optimizer.
 
     Examples:
         >>> out = run(Settings.make(quick=True))  # doctest: +SKIP
@@ -208,12 +218,16 @@ def run(settings: Settings | None = None, *, progress: bool = False) -> dict[str
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         extras = {k: r[k] for k in ("model_config", "tokens", "eval_tokens", "tokens_seen",
                                     "unigram_perplexity", "model_params")}
-    threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-                                              "XLA_FLAGS")}
-    return {"settings": {**dataclasses.asdict(s), "lm": dataclasses.asdict(s.lm)}, **extras,
-            "thread_env": threads,
-            "galore_available": hasattr(optax.contrib, "galore"), "optimizers": results,
-            "total_seconds": time.perf_counter() - start}
+        threads = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                  "XLA_FLAGS")}
+        out = {"settings": {**dataclasses.asdict(s), "lm": dataclasses.asdict(s.lm)},
+               **extras, "thread_env": threads, "load_average": os.getloadavg(),
+               "galore_available": hasattr(optax.contrib, "galore"), "optimizers": results,
+               "pending": [n for n in txs if n not in results],
+               "total_seconds": time.perf_counter() - start}
+        if on_result is not None:
+            on_result(out)
+    return out
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -253,22 +267,30 @@ def main(argv=None) -> int:
     if args.only:
         overrides["optimizers"] = tuple(args.only.split(","))
     settings = Settings.make(quick=args.quick, **overrides)
-    result = run(settings, progress=args.progress)
     name = args.name or "lorapre" + ("_quick" if args.quick else "")
-    path = experiment.write_result(name, result, results_dir=args.results_dir)
+    path = args.results_dir / f"{name}.json"
+    save = lambda partial: (experiment.write_result(name, partial,  # noqa: E731
+                                                    results_dir=args.results_dir),
+                            plot(path, partial))
+    result = run(settings, progress=args.progress, on_result=save)
+    print(summary(result))
+    print(f"total {result['total_seconds']:.0f} s; wrote {path} and plots")
+    return 0
+
+
+def plot(path: Path, result: dict[str, Any]) -> None:
+    """Validation curves (``<path>.png``) and state/transient bytes (``<path>_memory.png``)."""
     curves = result["optimizers"]
     panels = {f"validation {m}": {n: (r["curve"]["step"], r["curve"][f"val_{m}"])
                                   for n, r in curves.items()} for m in ("loss", "perplexity")}
     lm = result["settings"]["lm"]
+    title = f"Llama {lm['preset']}, {lm['steps']} steps: LoRA-Pre vs baselines"
     experiment.plot_curves(path.with_suffix(".png"), panels, logy=("validation perplexity",),
-                           title=f"Llama {lm['preset']}, {lm['steps']} steps: LoRA-Pre vs baselines")
+                           title=title)
     experiment.plot_bars(path.with_name(path.stem + "_memory.png"), {
         n: {"state MiB": r["optimizer_state_bytes"] / 2**20,
             "update temp MiB": r["update_memory"]["temp"] / 2**20} for n, r in curves.items()},
         title="persistent optimizer state and transient update memory", ylabel="MiB")
-    print(summary(result))
-    print(f"total {result['total_seconds']:.0f} s; wrote {path} and plots")
-    return 0
 
 
 if __name__ == "__main__":

@@ -136,7 +136,10 @@ def place_like(f: core.Factors, x: Any, v: View) -> core.Factors:
     entries = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
     batch = (_merged(entries, v.batch_axes),) if v.batch_axes else ()
     p, q = _merged(entries, v.reduction_axes), _merged(entries, v.output_axes)
-    put = lambda a, *spec: jax.device_put(a, NamedSharding(sharding.mesh, PartitionSpec(*spec)))  # noqa: E731,E501
+
+    def put(a: jax.Array, *spec) -> jax.Array:
+        return jax.device_put(a, NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+
     return core.Factors(B=put(f.B, *batch, p, None), A=put(f.A, *batch, None, q))
 
 

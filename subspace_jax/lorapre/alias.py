@@ -93,8 +93,9 @@ def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTrans
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_common(owner: str, scale: Any, **betas: Any) -> None:
-    transform._check(owner, 1, **betas)
+def _check(owner: str, rank: Any, scale: Any, **betas: Any) -> None:
+    transform.check_rank(owner, rank)
+    transform.check_betas(owner, **betas)
     if isinstance(scale, (int, float)) and not scale > 0:
         raise ValueError(f"{owner}: scale={scale!r} must be > 0")
 
@@ -157,8 +158,7 @@ def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.
     References:
         arXiv 2602.24283.
     """
-    transform._check("lorapre", rank)
-    _check_common("lorapre", scale, b1=b1, b2=b2)
+    _check("lorapre", rank, scale, b1=b1, b2=b2)
     decay_mask = _tree.partition_safe(weight_decay_mask)
     low = optax.chain(
         transform.scale_by_lorapre(rank, b1, b2, eps, damping=damping, init_std=init_std,
@@ -213,8 +213,7 @@ def lorapre_muon(learning_rate: optax.ScalarOrSchedule, rank: int = 8, beta: flo
     References:
         arXiv 2602.24283.
     """
-    transform._check("lorapre_muon", rank)
-    _check_common("lorapre_muon", 1.0, beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)
+    _check("lorapre_muon", rank, 1.0, beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)
     low = optax.chain(
         transform.scale_by_lorapre_muon(rank, beta, ns_steps, eps, nesterov=nesterov,
                                         damping=damping, init_std=init_std, key=key,

@@ -60,10 +60,14 @@ class LoRAPreMuonState(NamedTuple):
     mu: Any
 
 
-def _check(owner: str, rank: Any, **betas: Any) -> None:
-    """Construction-time checks; arrays (injected hyperparameters) are left to the caller."""
+def check_rank(owner: str, rank: Any) -> None:
+    """``rank`` must be a Python int >= 1: it sets the state's shapes."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"{owner}: rank={rank!r} must be a Python int >= 1 (it is static)")
+
+
+def check_betas(owner: str, **betas: Any) -> None:
+    """Each Python-number beta must lie in ``[0, 1)``; arrays (injected) are not checked."""
     for name, value in betas.items():
         if isinstance(value, (int, float)) and not 0 <= value < 1:
             raise ValueError(f"{owner}: {name}={value!r} must lie in [0, 1)")
@@ -122,6 +126,22 @@ def scale_by_lorapre(rank: int = 8, b1: float = 0.9, b2: float = 0.95, eps: floa
     ``gamma1 = 1 - sqrt(b1)`` and ``(v_B, v_A)`` toward ``|g|`` with
     ``gamma2 = 1 - b2 ** (1/4)``, so that the products decay like Adam's moments.
 
+    Choices where the paper's text leaves room: the step uses the previous factors; the
+    factor step is sequential (``A`` solves against the new ``B``: on noisy gradients the
+    simultaneous order does not track the EMA, see
+    :func:`~subspace_jax.lorapre.core.newton_step`) and ends with a QR re-gauge of ``B``
+    that leaves the product unchanged; the ``r x r`` damping is relative to the Gram's
+    scale; bias correction is Adam's, so ``v`` starts small (the ``|g|`` factors learn
+    slowly): use a learning-rate warm-up.
+
+    Note:
+        On CPU the ``r x r`` solves and QR run in LAPACK through scipy's OpenBLAS, whose
+        threads can fight XLA's on a few shared cores (a 100x slower update was measured
+        on two busy cores): set ``OPENBLAS_NUM_THREADS=1`` there. ``init`` places the
+        factors like concretely sharded parameters (``B`` along ``p``, ``A`` along ``q``);
+        jit the update with the state's shardings as ``out_shardings`` to keep them.
+        Meshes with ``Explicit`` axes are not supported yet.
+
     Args:
         rank: factor rank ``r`` (static).
         b1: first-moment decay, in ``[0, 1)``.
@@ -152,7 +172,8 @@ def scale_by_lorapre(rank: int = 8, b1: float = 0.9, b2: float = 0.95, eps: floa
     References:
         arXiv 2602.24283.
     """
-    _check("scale_by_lorapre", rank, b1=b1, b2=b2)
+    check_rank("scale_by_lorapre", rank)
+    check_betas("scale_by_lorapre", b1=b1, b2=b2)
 
     def init_fn(params):
         count, (mu, nu) = _init("scale_by_lorapre", params, weight_dimension_numbers, rank,
@@ -216,7 +237,8 @@ def scale_by_lorapre_muon(rank: int = 8, beta: float = 0.95, ns_steps: int = 5,
     References:
         arXiv 2602.24283.
     """
-    _check("scale_by_lorapre_muon", rank, beta=beta)
+    check_rank("scale_by_lorapre_muon", rank)
+    check_betas("scale_by_lorapre_muon", beta=beta)
 
     def init_fn(params):
         count, (mu,) = _init("scale_by_lorapre_muon", params, weight_dimension_numbers, rank,
