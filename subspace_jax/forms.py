@@ -236,14 +236,17 @@ class LowRank(KernelForm):
         ((8, 2), (2, 6), 2, 560)
         >>> k2.matmul(jnp.ones((3, 5, 8))).shape
         (3, 5, 6)
+        >>> jax.tree.map(jnp.sum, k2).a.shape   # optax-style maps to scalars rebuild it
+        ()
     """
 
     a: Array
     b: Array
 
     def __post_init__(self):
-        # Light check only: pytree maps may rebuild forms with non-array leaves.
-        if _has_shape(self.a, self.b):
+        # Light check only: pytree maps rebuild forms with other leaves (bools of a mask,
+        # None of train.partition, and scalars: optax's global norm maps jnp.sum(x * x)).
+        if _has_shape(self.a, self.b) and (len(self.a.shape), len(self.b.shape)) != (0, 0):
             if len(self.a.shape) != 2 or len(self.b.shape) != 2 or self.a.shape[1] != self.b.shape[0]:
                 raise ValueError(
                     "LowRank needs a (in, rank) and b (rank, out); got a "
