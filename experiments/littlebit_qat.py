@@ -188,7 +188,10 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     name = args.name or "littlebit_qat" + ("_quick" if args.quick else "")
-    write = lambda partial: experiment.write_result(name, partial, results_dir=args.results_dir)  # noqa: E731
+
+    def write(partial: dict) -> pathlib.Path:
+        return experiment.write_result(name, partial, results_dir=args.results_dir)
+
     result = run(quick=args.quick, bpws=tuple(args.bpw), steps=args.steps,
                  batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                  eval_limit=args.eval_limit, itq_iters=args.itq_iters,

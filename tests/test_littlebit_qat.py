@@ -54,9 +54,9 @@ def _tokens(n, seed=0):
 def test_hidden_walks_match_the_models_own_forward(decoder):
     teacher, student = decoder
     tokens = jnp.asarray(_tokens(1)[0]["tokens"])
-    logits, hidden = qat.llama_hidden_states(student, tokens)
+    logits, hidden = qat.llama_hidden_states(teacher, tokens)
     assert len(hidden) == 2
-    np.testing.assert_array_equal(logits, student(tokens))
+    np.testing.assert_array_equal(logits, teacher(tokens))
     cfg = bert.BertConfig(vocab_size=50, hidden_size=16, num_layers=3, num_heads=2,
                           intermediate_size=32, max_position_embeddings=8)
     enc = bert.Bert(cfg, rngs=nnx.Rngs(0))
@@ -104,7 +104,8 @@ def test_deploy_after_qat_uses_the_trained_signs(trained):
     _, (_, params, rest, graphdef, _, _, _) = trained
     packed = transform.deploy(params)
     is_form = lambda x: isinstance(x, (form.BinaryLowRank, form.PackedBinaryLowRank))  # noqa: E731
-    pairs = list(zip(jax.tree.leaves(params, is_leaf=is_form), jax.tree.leaves(packed, is_leaf=is_form)))
+    pairs = list(zip(jax.tree.leaves(params, is_leaf=is_form),
+                     jax.tree.leaves(packed, is_leaf=is_form)))
     pairs = [(t, p) for t, p in pairs if isinstance(t, form.BinaryLowRank)]
     assert len(pairs) == 2 * 7
     for t, p in pairs:

@@ -30,7 +30,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -296,7 +296,8 @@ def sign_flips(before: Any, after: Any) -> int:
         >>> import dataclasses, jax, jax.numpy as jnp
         >>> from subspace_jax import littlebit
         >>> from subspace_jax.littlebit import qat
-        >>> k = littlebit.BinaryLowRank.from_dense(jax.random.normal(jax.random.key(0), (16, 16)), rank=8)
+        >>> w = jax.random.normal(jax.random.key(0), (16, 16))
+        >>> k = littlebit.BinaryLowRank.from_dense(w, rank=8)
         >>> flipped = dataclasses.replace(k, u=-k.u)
         >>> qat.sign_flips({"k": k}, {"k": k}), qat.sign_flips({"k": k}, {"k": flipped})
         (0, 256)
