@@ -27,6 +27,7 @@ References:
 """
 
 from subspace_jax.littlebit import core as core
+from subspace_jax.littlebit import qat as qat
 from subspace_jax.littlebit.distill import distill_loss as distill_loss
 from subspace_jax.littlebit.form import BinaryLowRank as BinaryLowRank
 from subspace_jax.littlebit.form import PackedBinaryLowRank as PackedBinaryLowRank
@@ -41,5 +42,5 @@ from subspace_jax.littlebit.transform import deploy as deploy
 
 __all__ = [
     "Accounting", "BinaryLowRank", "LayerBits", "LeafBits", "PackedBinaryLowRank", "accounting",
-    "compress", "compress_model", "contract_factories", "core", "deploy", "distill_loss",
+    "compress", "compress_model", "contract_factories", "core", "deploy", "distill_loss", "qat",
 ]
