@@ -452,9 +452,10 @@ def knapsack(options: Sequence[Sequence[RankOption]], budget_bytes: int, *,
              unit: int = 1024) -> list[int]:
     """Pick one option per layer minimising the summed gradient error under a memory budget.
 
-    A 0/1 multiple-choice knapsack solved by dynamic programming over memory in ``unit``
-    bytes (rounded up). A budget below the smallest achievable total is raised to it, as in
-    the paper's code (so a tiny budget gives every layer its smallest option).
+    A multiple-choice knapsack solved by dynamic programming over memory in ``unit`` bytes
+    (each option's bytes rounded up). A budget at or below the smallest achievable total is
+    raised to it, as in the paper's code, so a tiny budget gives every layer its
+    smallest-memory option.
 
     Args:
         options: per layer, its :class:`RankOption` list.
@@ -473,8 +474,11 @@ def knapsack(options: Sequence[Sequence[RankOption]], budget_bytes: int, *,
     References:
         WASI, App. A.2 (linear-time rank search), arXiv 2510.09160.
     """
+    smallest = [min(range(len(opts)), key=lambda j: opts[j].nbytes) for opts in options]
+    if budget_bytes <= sum(opts[j].nbytes for opts, j in zip(options, smallest)):
+        return smallest
     costs = [[-(-o.nbytes // unit) for o in opts] for opts in options]
-    cap = max(-(-int(budget_bytes) // unit), sum(min(c) for c in costs))
+    cap = min(-(-int(budget_bytes) // unit), sum(max(c) for c in costs))
     inf = float("inf")
     best = np.full(cap + 1, inf)
     best[0] = 0.0
