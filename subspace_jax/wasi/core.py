@@ -38,7 +38,7 @@ from subspace_jax import forms, linalg
 
 __all__ = ["OpConfig", "wasi_matmul", "tucker_weight_grad", "grad_flops", "choose_order",
            "activation_bytes", "refresh_factored", "refresh_master", "RankOption",
-           "rank_options", "knapsack", "EPS_GRID"]
+           "rank_options", "knapsack", "EPS_GRID", "mode_spectra", "truncate", "eps_ranks"]
 
 _HI = jax.lax.Precision.HIGHEST
 ORDERS = ("auto", "paper", "project")
@@ -406,10 +406,78 @@ class RankOption:
     error: float
 
 
-def rank_options(x: jax.Array, g: jax.Array, eps_grid: Sequence[float] = EPS_GRID
-                 ) -> list[RankOption]:
+@jax.jit
+def mode_spectra(x: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Left singular vectors and values of every mode unfolding of ``x`` (float32).
+
+    Computed from the eigen-decomposition of the smaller Gram matrix of each unfolding
+    (``X X^T`` or ``X^T X``), several times cheaper than an SVD of a wide or tall unfolding;
+    columns of ``u`` past the numerical rank are not reliable (callers keep leading ones and
+    re-orthonormalise). Jittable.
+
+    Returns:
+        Per mode, ``(u, s)``: ``u`` ``(dim_n, m)`` and ``s`` ``(m,)`` descending, with
+        ``m = min(dim_n, prod(other dims))``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax.wasi import core
+        >>> x = jax.random.normal(jax.random.key(0), (3, 4, 5))
+        >>> [(u.shape, s.shape) for u, s in core.mode_spectra(x)]
+        [((3, 3), (3,)), ((4, 4), (4,)), ((5, 5), (5,))]
+    """
+    out = []
+    for n in range(x.ndim):
+        xm = linalg.unfold(jnp.asarray(x, jnp.float32), n)
+        if xm.shape[0] <= xm.shape[1]:
+            evals, u = jnp.linalg.eigh(jnp.matmul(xm, xm.T, precision=_HI))
+            s, u = jnp.sqrt(jnp.maximum(evals[::-1], 0.0)), u[:, ::-1]
+        else:
+            evals, v = jnp.linalg.eigh(jnp.matmul(xm.T, xm, precision=_HI))
+            s, v = jnp.sqrt(jnp.maximum(evals[::-1], 0.0)), v[:, ::-1]
+            u = jnp.matmul(xm, v, precision=_HI) / jnp.maximum(s, 1e-30)[None, :]
+        out.append((u, s))
+    return out
+
+
+def truncate(x: jax.Array, spectra, ranks: Sequence[int]) -> linalg.Tucker:
+    """The HOSVD of ``x`` at ``ranks`` from :func:`mode_spectra` (factors re-orthonormalised
+    with the sign-fixed QR).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import linalg
+        >>> from subspace_jax.wasi import core
+        >>> x = jax.random.normal(jax.random.key(0), (3, 4, 5))
+        >>> t = core.truncate(x, core.mode_spectra(x), (3, 4, 5))
+        >>> bool(jnp.allclose(linalg.tucker_reconstruct(t), x, atol=1e-4))
+        True
+    """
+    factors = tuple(linalg.qr_positive(u[:, :r])[0] for (u, _), r in zip(spectra, ranks))
+    core = jnp.asarray(x, jnp.float32)
+    for n, u in enumerate(factors):
+        core = linalg.mode_product(core, u.T, n)
+    return linalg.Tucker(core, factors)
+
+
+def eps_ranks(spectra, eps: float) -> tuple[int, ...]:
+    """Per-mode explained-variance ranks at ``eps`` (host-side), as ``linalg.hosvd(eps=)``.
+
+    Examples:
+        >>> import jax
+        >>> from subspace_jax.wasi import core
+        >>> x = jax.random.normal(jax.random.key(0), (3, 4, 5))
+        >>> core.eps_ranks(core.mode_spectra(x), 1.0)
+        (3, 4, 5)
+    """
+    return tuple(linalg.energy_rank(s, eps) for _, s in spectra)
+
+
+def rank_options(x: jax.Array, g: jax.Array, eps_grid: Sequence[float] = EPS_GRID, *,
+                 spectra=None) -> list[RankOption]:
     """Exact per-mode HOSVD of an activation at every eps of a grid, with its memory and the
-    relative error of the kernel gradient it gives (host-side).
+    relative error of the kernel gradient it gives (host-side). The decomposition of each mode
+    is computed once (:func:`mode_spectra`) and truncated at every eps.
 
     Args:
         x: concrete activation ``(dim_1, ..., in)``.
@@ -431,20 +499,21 @@ def rank_options(x: jax.Array, g: jax.Array, eps_grid: Sequence[float] = EPS_GRI
     References:
         WASI, Sec. 3.3 and App. A.2 (rank selection), arXiv 2510.09160; ASI, arXiv 2505.05086.
     """
+    x = jnp.asarray(x, jnp.float32)
     exact = np.asarray(tucker_weight_grad(*_identity_tucker(x), g, order="project"))
     norm = float(np.linalg.norm(exact)) or 1.0
+    spectra = mode_spectra(x) if spectra is None else spectra
     out = []
-    for eps in eps_grid:
-        t = linalg.hosvd(x, eps=eps)
+    for eps in eps_grid:   # one decomposition per mode, truncated at every eps
+        ranks = eps_ranks(spectra, eps)
+        t = truncate(x, spectra, ranks)
         approx = np.asarray(tucker_weight_grad(t.core, t.factors, g, order="project"))
-        ranks = tuple(int(r) for r in t.core.shape)
         out.append(RankOption(float(eps), ranks, activation_bytes(x.shape, ranks),
                               float(np.linalg.norm(approx - exact)) / norm))
     return out
 
 
 def _identity_tucker(x):
-    x = jnp.asarray(x, jnp.float32)
     return x, tuple(jnp.eye(d, dtype=jnp.float32) for d in x.shape)
 
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from subspace_jax import forms, linalg
+from subspace_jax import forms
 from subspace_jax import nn as sjnn
 from subspace_jax import rules as rules_lib
 from subspace_jax.wasi import core
@@ -272,7 +272,7 @@ def _capture(model, targets, sample, need_grads):
     return {p: x for p, (x, _, _) in seen.items()}, grads
 
 
-def _choose_ranks(path, x, *, act_eps, act_ranks):
+def _choose_ranks(path, x, spectra, *, act_eps, act_ranks):
     shape = tuple(x.shape)
     if act_ranks is not None:
         ranks = act_ranks.get(path) if isinstance(act_ranks, Mapping) else act_ranks
@@ -283,14 +283,19 @@ def _choose_ranks(path, x, *, act_eps, act_ranks):
         return ranks
     if isinstance(act_eps, bool) or not isinstance(act_eps, (int, float)) or not 0 < act_eps <= 1:
         raise ValueError(f"WASI layer {path!r}: activation_eps must be in (0, 1], got {act_eps!r}")
-    return tuple(int(r) for r in linalg.hosvd(x, eps=float(act_eps)).core.shape)
+    return core.eps_ranks(spectra, float(act_eps))
 
 
 def _check_ranks(path, shape, ranks):
+    total = 1
+    for d in shape:
+        total *= d
     for n, (d, r) in enumerate(zip(shape, ranks)):
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d:
+        cap = min(d, total // d)
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= cap:
             raise ValueError(f"WASI layer {path!r}: activation rank {r!r} of mode {n} must be "
-                             f"an int in [1, {d}] (the mode's size) for an input of shape {shape}")
+                             f"an int in [1, {cap}] (the mode's size {d}, capped by the product "
+                             f"of the other modes) for an input of shape {shape}")
 
 
 def convert(model: nnx.Module, rules: rules_lib.Rule | Sequence[rules_lib.Rule] | None = None,
@@ -370,16 +375,19 @@ def convert(model: nnx.Module, rules: rules_lib.Rule | Sequence[rules_lib.Rule] 
 
     rules_lib.apply(params, _default_rules(rules), pick)
     xs, gs = _capture(model, set(kernels), sample, need_grads=budget_bytes is not None)
-    plans = {}
+    plans, spectra = {}, {}
     for path, kernel in kernels.items():
         x = xs[path]
+        spectra[path] = core.mode_spectra(x)
         if budget_bytes is None:
             eps = activation_eps if activation_ranks is None else None
-            ranks = _choose_ranks(path, x, act_eps=0.4 if eps is None and activation_ranks is None
+            ranks = _choose_ranks(path, x, spectra[path],
+                                  act_eps=0.4 if eps is None and activation_ranks is None
                                   else eps, act_ranks=activation_ranks)
             options = ()
         else:
-            options, eps, ranks = tuple(core.rank_options(x, gs[path], eps_grid)), None, None
+            options = tuple(core.rank_options(x, gs[path], eps_grid, spectra=spectra[path]))
+            eps, ranks = None, None
         plans[path] = LayerPlan(path, tuple(kernel.shape), 0, tuple(x.shape), ranks, eps, options)
     if budget_bytes is not None:
         picks = core.knapsack([p.options for p in plans.values()], budget_bytes)
@@ -391,7 +399,7 @@ def convert(model: nnx.Module, rules: rules_lib.Rule | Sequence[rules_lib.Rule] 
         _check_ranks(path, plan.act_shape, plan.act_ranks)
         low = _factor_kernel(path, old.kernel.get_value(), energy)
         plans[path] = dataclasses.replace(plan, rank=low.rank)
-        factors = linalg.hosvd(xs[path], ranks=plan.act_ranks).factors
+        factors = core.truncate(xs[path], spectra[path], plan.act_ranks).factors
         attrs = dict(wasi_variant=variant, wasi_order=order, wasi_path=path,
                      act_basis=ActivationBasis(tuple(factors)))
         new = _shell(WasiLinear, old, **attrs)
