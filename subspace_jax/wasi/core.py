@@ -406,18 +406,21 @@ class RankOption:
     error: float
 
 
-@jax.jit
-def mode_spectra(x: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
-    """Left singular vectors and values of every mode unfolding of ``x`` (float32).
+def _np_unfold(x: np.ndarray, n: int) -> np.ndarray:
+    return np.moveaxis(x, n, 0).reshape(x.shape[n], -1)
 
-    Computed from the eigen-decomposition of the smaller Gram matrix of each unfolding
+
+def mode_spectra(x) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Left singular vectors and values of every mode unfolding of ``x`` (host-side numpy).
+
+    From the eigen-decomposition (float64) of the smaller Gram matrix of each unfolding
     (``X X^T`` or ``X^T X``), several times cheaper than an SVD of a wide or tall unfolding;
     columns of ``u`` past the numerical rank are not reliable (callers keep leading ones and
-    re-orthonormalise). Jittable.
+    re-orthonormalise). Host numpy, so calibrating many layers compiles nothing.
 
     Returns:
-        Per mode, ``(u, s)``: ``u`` ``(dim_n, m)`` and ``s`` ``(m,)`` descending, with
-        ``m = min(dim_n, prod(other dims))``.
+        Per mode, ``(u, s)``: ``u`` ``(dim_n, m)`` and ``s`` ``(m,)`` descending, float64,
+        with ``m = min(dim_n, prod(other dims))``.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -426,23 +429,35 @@ def mode_spectra(x: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
         >>> [(u.shape, s.shape) for u, s in core.mode_spectra(x)]
         [((3, 3), (3,)), ((4, 4), (4,)), ((5, 5), (5,))]
     """
+    x = np.asarray(x, np.float64)
     out = []
     for n in range(x.ndim):
-        xm = linalg.unfold(jnp.asarray(x, jnp.float32), n)
+        xm = _np_unfold(x, n)
         if xm.shape[0] <= xm.shape[1]:
-            evals, u = jnp.linalg.eigh(jnp.matmul(xm, xm.T, precision=_HI))
-            s, u = jnp.sqrt(jnp.maximum(evals[::-1], 0.0)), u[:, ::-1]
+            evals, u = np.linalg.eigh(xm @ xm.T)
+            s, u = np.sqrt(np.maximum(evals[::-1], 0.0)), u[:, ::-1]
         else:
-            evals, v = jnp.linalg.eigh(jnp.matmul(xm.T, xm, precision=_HI))
-            s, v = jnp.sqrt(jnp.maximum(evals[::-1], 0.0)), v[:, ::-1]
-            u = jnp.matmul(xm, v, precision=_HI) / jnp.maximum(s, 1e-30)[None, :]
+            evals, v = np.linalg.eigh(xm.T @ xm)
+            s, v = np.sqrt(np.maximum(evals[::-1], 0.0)), v[:, ::-1]
+            u = (xm @ v) / np.maximum(s, 1e-300)[None, :]
         out.append((u, s))
     return out
 
 
-def truncate(x: jax.Array, spectra, ranks: Sequence[int]) -> linalg.Tucker:
-    """The HOSVD of ``x`` at ``ranks`` from :func:`mode_spectra` (factors re-orthonormalised
-    with the sign-fixed QR).
+def _np_truncate(x: np.ndarray, spectra, ranks):
+    factors = []
+    for (u, _), r in zip(spectra, ranks):
+        q, rr = np.linalg.qr(u[:, :r])
+        factors.append(q * np.where(np.diag(rr) < 0, -1.0, 1.0)[None, :])
+    core = x
+    for n, u in enumerate(factors):
+        core = np.moveaxis(np.tensordot(u.T, core, axes=(1, n)), 0, n)
+    return core, factors
+
+
+def truncate(x, spectra, ranks: Sequence[int]) -> linalg.Tucker:
+    """The HOSVD of ``x`` at ``ranks`` from :func:`mode_spectra` (factors re-orthonormalised,
+    ``diag(R) >= 0``), as a float32 :class:`~subspace_jax.linalg.Tucker`.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -453,11 +468,9 @@ def truncate(x: jax.Array, spectra, ranks: Sequence[int]) -> linalg.Tucker:
         >>> bool(jnp.allclose(linalg.tucker_reconstruct(t), x, atol=1e-4))
         True
     """
-    factors = tuple(linalg.qr_positive(u[:, :r])[0] for (u, _), r in zip(spectra, ranks))
-    core = jnp.asarray(x, jnp.float32)
-    for n, u in enumerate(factors):
-        core = linalg.mode_product(core, u.T, n)
-    return linalg.Tucker(core, factors)
+    core, factors = _np_truncate(np.asarray(x, np.float64), spectra, ranks)
+    return linalg.Tucker(jnp.asarray(core, jnp.float32),
+                         tuple(jnp.asarray(u, jnp.float32) for u in factors))
 
 
 def eps_ranks(spectra, eps: float) -> tuple[int, ...]:
@@ -473,16 +486,18 @@ def eps_ranks(spectra, eps: float) -> tuple[int, ...]:
     return tuple(linalg.energy_rank(s, eps) for _, s in spectra)
 
 
-def rank_options(x: jax.Array, g: jax.Array, eps_grid: Sequence[float] = EPS_GRID, *,
+def rank_options(x, g, eps_grid: Sequence[float] = EPS_GRID, *,
                  spectra=None) -> list[RankOption]:
     """Exact per-mode HOSVD of an activation at every eps of a grid, with its memory and the
-    relative error of the kernel gradient it gives (host-side). The decomposition of each mode
-    is computed once (:func:`mode_spectra`) and truncated at every eps.
+    relative error of the kernel gradient it gives (host-side numpy, float64). The
+    decomposition of each mode is computed once (:func:`mode_spectra`) and truncated at
+    every eps.
 
     Args:
         x: concrete activation ``(dim_1, ..., in)``.
         g: concrete output gradient ``(dim_1, ..., out)`` of the same layer.
         eps_grid: explained-variance thresholds in ``(0, 1]``.
+        spectra: :func:`mode_spectra` of ``x`` if already computed.
 
     Returns:
         One :class:`RankOption` per eps, in grid order.
@@ -499,22 +514,23 @@ def rank_options(x: jax.Array, g: jax.Array, eps_grid: Sequence[float] = EPS_GRI
     References:
         WASI, Sec. 3.3 and App. A.2 (rank selection), arXiv 2510.09160; ASI, arXiv 2505.05086.
     """
-    x = jnp.asarray(x, jnp.float32)
-    exact = np.asarray(tucker_weight_grad(*_identity_tucker(x), g, order="project"))
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    xm, gm = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    exact = xm.T @ gm
     norm = float(np.linalg.norm(exact)) or 1.0
     spectra = mode_spectra(x) if spectra is None else spectra
     out = []
-    for eps in eps_grid:   # one decomposition per mode, truncated at every eps
+    for eps in eps_grid:
         ranks = eps_ranks(spectra, eps)
-        t = truncate(x, spectra, ranks)
-        approx = np.asarray(tucker_weight_grad(t.core, t.factors, g, order="project"))
+        core, factors = _np_truncate(x, spectra, ranks)
+        gp = g
+        for n, u in enumerate(factors[:-1]):          # the "project" contraction order
+            gp = np.moveaxis(np.tensordot(u.T, gp, axes=(1, n)), 0, n)
+        lead = tuple(range(core.ndim - 1))
+        approx = factors[-1] @ np.tensordot(core, gp, axes=(lead, lead))
         out.append(RankOption(float(eps), ranks, activation_bytes(x.shape, ranks),
                               float(np.linalg.norm(approx - exact)) / norm))
     return out
-
-
-def _identity_tucker(x):
-    return x, tuple(jnp.eye(d, dtype=jnp.float32) for d in x.shape)
 
 
 def knapsack(options: Sequence[Sequence[RankOption]], budget_bytes: int, *,

@@ -212,14 +212,18 @@ class _Probe(nnx.Variable):
     pass
 
 
+class _Captured(nnx.Variable):
+    pass
+
+
 class _Recorder(sjnn.Linear):
-    """Records its input (eager pass) and adds a zero probe to its output (gradient pass)."""
+    """Sows its input (first pass) or adds a zero probe to its output (gradient pass)."""
 
     def __call__(self, inputs, out_sharding=None):
         y = super().__call__(inputs, out_sharding=out_sharding)
-        if hasattr(self, "probe"):
+        if self.probe is not None:
             return y + self.probe[...].astype(y.dtype)
-        self.seen[self.rec_path] = (jnp.asarray(inputs), y.shape, y.dtype)
+        self.captured.set_value(inputs)
         return y
 
 
@@ -251,25 +255,38 @@ def _shell(cls, old: nnx.Linear, **attrs):
 
 
 def _capture(model, targets, sample, need_grads):
-    seen: dict[str, Any] = {}
-    rec = _swap(nnx.clone(model), lambda p, old: _shell(_Recorder, old, seen=seen, rec_path=p),
-                targets)
-    sample(rec)
-    missing = sorted(targets - set(seen))
+    """Inputs (and, with ``need_grads``, output gradients) of the target Linears on the
+    calibration sample; both passes are jitted."""
+    rec = _swap(nnx.clone(model), lambda p, old: _shell(
+        _Recorder, old, probe=None, captured=_Captured(jnp.zeros((0,)))), targets)
+
+    @nnx.jit
+    def forward(m):
+        sample(m)
+        return nnx.state(m, _Captured)
+
+    xs = {path.rsplit("/", 1)[0]: leaf.get_value()
+          for path, leaf in rules_lib.leaf_paths(forward(rec))[0]}
+    xs = {path: x for path, x in xs.items() if x.size}
+    missing = sorted(targets - set(xs))
     if missing:
         raise ValueError(f"WASI calibration: sample() never called the layers {missing}")
     grads = {}
     if need_grads:
-        for path, (_, shape, dtype) in seen.items():
-            module = rec
-            for key in path.split("/"):
-                module = module[int(key)] if key.isdigit() else getattr(module, key)
-            module.probe = _Probe(jnp.zeros(shape, dtype))
-        state = nnx.grad(lambda m: jnp.asarray(sample(m)).sum(),
-                         argnums=nnx.DiffState(0, _Probe))(rec)
-        for path, probe in rules_lib.leaf_paths(state)[0]:
-            grads[path.rsplit("/", 1)[0]] = probe.get_value()
-    return {p: x for p, (x, _, _) in seen.items()}, grads
+        by_path = dict(nnx.iter_graph(rec))
+        for path, x in xs.items():
+            module = by_path[tuple(int(k) if k.isdigit() else k for k in path.split("/"))]
+            module.probe = nnx.data(_Probe(jnp.zeros(x.shape[:-1] + (module.out_features,),
+                                                     jnp.float32)))
+
+        @nnx.jit
+        def backward(m):
+            return nnx.grad(lambda m: jnp.sum(jnp.asarray(sample(m))),
+                            argnums=nnx.DiffState(0, _Probe))(m)
+
+        grads = {path.rsplit("/", 1)[0]: leaf.get_value()
+                 for path, leaf in rules_lib.leaf_paths(backward(rec))[0]}
+    return xs, grads
 
 
 def _choose_ranks(path, x, spectra, *, act_eps, act_ranks):
