@@ -47,12 +47,27 @@ VARIANTS = ("factored", "master")
 
 class ActivationBasis(sjnn.SubspaceState):
     """The previous step's Tucker factors of a :class:`WasiLinear`'s input (a tuple of
-    float32 ``(dim_n, r_n)`` matrices), refreshed by every training forward."""
+    float32 ``(dim_n, r_n)`` matrices), refreshed by every training forward.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import wasi
+        >>> basis = wasi.ActivationBasis((jnp.eye(4, 2), jnp.eye(8, 3)))
+        >>> [u.shape for u in basis.get_value()]
+        [(4, 2), (8, 3)]
+    """
 
 
 class WeightBasis(sjnn.SubspaceState):
     """The ``master`` variant's factors: a ``LowRank(a, b)`` re-derived from the master
-    kernel after every step by :func:`subspace_jax.wasi.core.refresh_master`."""
+    kernel after every step by :func:`subspace_jax.wasi.core.refresh_master`.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import forms, wasi
+        >>> wasi.WeightBasis(forms.LowRank(jnp.ones((6, 2)), jnp.eye(2, 4))).get_value().rank
+        2
+    """
 
 
 def _default_rules(rules):
@@ -120,8 +135,8 @@ def orthonormalize(tree: Any, rules: rules_lib.Rule | Sequence[rules_lib.Rule] |
         >>> from subspace_jax import forms, wasi
         >>> tree = {"mlp": {"up": {"kernel": forms.LowRank(jnp.ones((3, 1)), 2 * jnp.ones((1, 2)))}}}
         >>> k = wasi.orthonormalize(tree)["mlp"]["up"]["kernel"]
-        >>> k.b.round(4).tolist(), k.materialize()[0].tolist()
-        ([[0.7071, 0.7071]], [2.0, 2.0])
+        >>> bool(jnp.allclose(k.b, 0.5 ** 0.5)), bool(jnp.allclose(k.materialize(), 2.0))
+        (True, True)
     """
 
     def one(path, k, rule):
@@ -447,9 +462,9 @@ def summary(model: nnx.Module) -> str:
         >>> print(wasi.summary(wasi.convert(model, sample=lambda m: m["mlp"]["up"](x),
         ...                                 activation_ranks=(1, 2, 2), verbose=False)))
         ... # doctest: +NORMALIZE_WHITESPACE
-        layer   in x out  K  activation  ranks  full B  kept B  ratio
-        mlp/up  8 x 4     4  (2, 3, 8)  (1, 2, 2)  192  60  3.2x
-        total                                      192  60  3.2x
+        layer   in x out  K  activation  ranks      full B  kept B  ratio
+        mlp/up  8 x 4     3  (2, 3, 8)   (1, 2, 2)  192     112     1.7x
+        total                                       192     112     1.7x
     """
     plans = getattr(model, "wasi_plans", ())
     rows = [("layer", "in x out", "K", "activation", "ranks", "full B", "kept B", "ratio")]
