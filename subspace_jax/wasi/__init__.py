@@ -27,10 +27,10 @@ from subspace_jax.wasi import core as core
 from subspace_jax.wasi.core import (EPS_GRID, RankOption, knapsack, rank_options,
                                     tucker_weight_grad, wasi_matmul)
 from subspace_jax.wasi.layers import (ATTENTION_PATTERN, MLP_PATTERN, ActivationBasis,
-                                      LayerPlan, WasiLinear, WeightBasis, convert, export,
-                                      factorize, orthonormalize, post_update, summary)
+                                      LayerPlan, WasiKernel, WasiLinear, WeightBasis, convert,
+                                      export, factorize, orthonormalize, post_update, summary)
 
 __all__ = ["core", "EPS_GRID", "RankOption", "knapsack", "rank_options", "tucker_weight_grad",
            "wasi_matmul", "ATTENTION_PATTERN", "MLP_PATTERN", "ActivationBasis", "LayerPlan",
-           "WasiLinear", "WeightBasis", "convert", "export", "factorize", "orthonormalize",
-           "post_update", "summary"]
+           "WasiKernel", "WasiLinear", "WeightBasis", "convert", "export", "factorize",
+           "orthonormalize", "post_update", "summary"]

@@ -34,7 +34,7 @@ from subspace_jax import nn as sjnn
 from subspace_jax import rules as rules_lib
 from subspace_jax.wasi import core
 
-__all__ = ["ActivationBasis", "WeightBasis", "WasiLinear", "MLP_PATTERN", "ATTENTION_PATTERN",
+__all__ = ["ActivationBasis", "WeightBasis", "WasiKernel", "WasiLinear", "MLP_PATTERN", "ATTENTION_PATTERN",
            "factorize", "orthonormalize", "convert", "post_update", "export", "summary",
            "LayerPlan"]
 
@@ -70,6 +70,33 @@ class WeightBasis(sjnn.SubspaceState):
     """
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class WasiKernel(forms.LowRank):
+    """WASI's factored kernel: a :class:`~subspace_jax.forms.LowRank` ``a @ b`` whose ``b``
+    (``(K, out)``) keeps orthonormal rows (WASI's basis ``L^T``; ``a = R^T``).
+
+    Same fields, maths and contract as ``LowRank``; its shape check accepts leaves of any
+    rank, because optax maps over parameters (e.g. ``jax.tree.map(jnp.sum, params)`` in
+    global-norm clipping) and rebuilds forms with scalar leaves.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import wasi
+        >>> k = wasi.WasiKernel.from_dense(jax.random.normal(jax.random.key(0), (6, 4)), rank=2,
+        ...                                split=1.0)
+        >>> type(k).__name__, bool(jnp.allclose(k.b @ k.b.T, jnp.eye(2), atol=1e-5))
+        ('WasiKernel', True)
+        >>> jax.tree.map(jnp.sum, k).a.shape   # optax-style maps rebuild it with scalars
+        ()
+    """
+
+    def __post_init__(self):
+        a, b = (getattr(v, "shape", None) for v in (self.a, self.b))
+        if a is not None and b is not None and len(a) == len(b) == 2 and a[1] != b[0]:
+            raise ValueError(f"WasiKernel needs a (in, rank) and b (rank, out); got a {a} and b {b}")
+
+
 def _default_rules(rules):
     if rules is None:
         return (rules_lib.Rule(pattern=MLP_PATTERN),)
@@ -82,19 +109,19 @@ def _check_energy(energy) -> float:
     return float(energy)
 
 
-def _factor_kernel(path: str, kernel: Any, energy: float) -> forms.LowRank:
+def _factor_kernel(path: str, kernel: Any, energy: float) -> WasiKernel:
     if forms.is_form(kernel):
         raise TypeError(f"kernel is already a {type(kernel).__name__}; materialize it first")
     if getattr(kernel, "ndim", None) != 2:
         raise ValueError(f"WASI converts 2-D (in, out) kernels; {path!r} has shape "
                          f"{tuple(getattr(kernel, 'shape', ()))}")
-    return forms.LowRank.from_dense(kernel, eps=energy, split=1.0)
+    return WasiKernel.from_dense(kernel, eps=energy, split=1.0)
 
 
 def factorize(tree: Any, rules: rules_lib.Rule | Sequence[rules_lib.Rule] | None = None, *,
               energy: float = 0.9) -> Any:
-    """WASI's weight side on any tree: matched kernels become ``LowRank(a, b)``, ``b``
-    orthonormal, at the smallest rank whose squared singular values reach ``energy``.
+    """WASI's weight side on any tree: matched kernels become :class:`WasiKernel` ``(a, b)``
+    (a ``LowRank``), ``b`` orthonormal, at the smallest rank whose squared singular values reach ``energy``.
 
     Args:
         tree: an ``nnx.State``, a nested dict or linen variables.
@@ -142,7 +169,7 @@ def orthonormalize(tree: Any, rules: rules_lib.Rule | Sequence[rules_lib.Rule] |
     def one(path, k, rule):
         if not isinstance(k, forms.LowRank):
             raise TypeError(f"expected a LowRank kernel, got {type(k).__name__}")
-        return forms.LowRank(*core.refresh_factored(k.a, k.b))
+        return type(k)(*core.refresh_factored(k.a, k.b))
 
     return rules_lib.apply(tree, _default_rules(rules), one)
 
@@ -438,7 +465,7 @@ def convert(model: nnx.Module, rules: rules_lib.Rule | Sequence[rules_lib.Rule] 
         if variant == "factored":
             new.kernel = nnx.Param(low.__class__(a=low.a, b=low.b))
         else:
-            f32 = forms.LowRank(jnp.asarray(low.a, jnp.float32), jnp.asarray(low.b, jnp.float32))
+            f32 = WasiKernel(jnp.asarray(low.a, jnp.float32), jnp.asarray(low.b, jnp.float32))
             new.weight_basis = WeightBasis(f32)
         return new
 
@@ -512,11 +539,11 @@ def post_update(params: Any, rest: Any) -> tuple[Any, Any]:
     for kpath, spath in master.items():
         form = dict(state_paths)[spath].get_value()
         a, b = core.refresh_master(rules_lib._unwrap(kernels[kpath]), form.b)
-        new_bases[spath] = forms.LowRank(a, b)
+        new_bases[spath] = WasiKernel(a, b)
 
     def refresh_kernel(path, value):
         if path in factored and path not in master and isinstance(value, forms.LowRank):
-            return forms.LowRank(*core.refresh_factored(value.a, value.b))
+            return type(value)(*core.refresh_factored(value.a, value.b))
         return value
 
     params = rules_lib.map_with_path(refresh_kernel, params)
@@ -550,7 +577,7 @@ def export(model: nnx.Module) -> nnx.Module:
         if node.wasi_variant == "master":
             form = node.weight_basis.get_value()
             dtype = node.kernel.get_value().dtype
-            form = forms.LowRank(form.a.astype(dtype), form.b.astype(dtype))
+            form = WasiKernel(form.a.astype(dtype), form.b.astype(dtype))
         else:
             form = node.kernel.get_value()
         plain = _shell(sjnn.Linear, node)
