@@ -119,7 +119,7 @@ def methods(sweep: list[float], attention: bool) -> list[baselines.Method]:
 # --- measurements -------------------------------------------------------------------------------
 
 def _kind(shape: tuple[int, ...], source: str, b: int, t: int) -> str:
-    if "hosvd_step" in source:
+    if "'compress'" in source:
         return "tucker (WASI core + factors)"
     if shape == (b, t, 1536):
         return "(B,T,1536) MLP hidden / GELU"
