@@ -18,7 +18,6 @@ one process (:func:`subspace_jax.measure.compare`) as ratios to vanilla. Writes
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from subspace_jax import baselines, data, experiment, measure, rules, train, wasi
@@ -160,7 +158,8 @@ def residual_report(run: baselines.Run, method: baselines.Method, batch, key) ->
     kinds: dict[str, int] = {}
     for r in res.items:
         if not r.is_input:
-            kinds[_kind(r.shape, r.source, b, t)] = kinds.get(_kind(r.shape, r.source, b, t), 0) + r.nbytes
+            kind = _kind(r.shape, r.source, b, t)
+            kinds[kind] = kinds.get(kind, 0) + r.nbytes
     tucker = kinds.get("tucker (WASI core + factors)", 0)
     if tucker:
         mlp_measured = tucker
@@ -177,8 +176,8 @@ def analytic_mlp_bytes(run: baselines.Run, batch) -> dict[str, int]:
     plans = getattr(model, "wasi_plans", ())
     full = 0
     for layer in model.bert.encoder.layers:
-        full += wasi.core.activation_bytes((b, t, layer.mlp.up.in_features))
-        full += wasi.core.activation_bytes((b, t, layer.mlp.down.in_features))
+        full += wasi.calibration.activation_bytes((b, t, layer.mlp.up.in_features))
+        full += wasi.calibration.activation_bytes((b, t, layer.mlp.down.in_features))
     mlp = [p for p in plans if "/mlp/" in f"/{p.path}/"]
     kept = sum(p.compressed_bytes for p in mlp) if mlp else full
     return {"mlp_activation_bytes_analytic": kept, "mlp_activation_bytes_analytic_full": full}

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from subspace_jax import checkpoint, forms, linalg, measure, rules, train, wasi
-from subspace_jax.wasi import core
+from subspace_jax.wasi import calibration, core
 
 
 def factory(key, shape, dtype):
@@ -90,7 +90,7 @@ def test_converted_layer_gradients_equal_dense_layer(shape):
 def test_truncated_gradient_error_matches_calibration_table():
     x = jax.random.normal(jax.random.key(2), (8, 12, 16))
     g = jax.random.normal(jax.random.key(3), (8, 12, 5))
-    opts = core.rank_options(x, g, (0.5, 0.8, 1.0))
+    opts = calibration.rank_options(x, g, (0.5, 0.8, 1.0))
     print([(o.eps, o.ranks, o.nbytes, round(o.error, 4)) for o in opts])
     assert [o.nbytes for o in opts] == sorted(o.nbytes for o in opts)
     assert opts[-1].error < 1e-5 < opts[0].error
@@ -185,7 +185,8 @@ def test_factored_refresh_keeps_product_and_signs():
 
 def _mlp(seed=0):
     rngs = nnx.Rngs(seed)
-    return nnx.Dict(mlp=nnx.Dict(up=nnx.Linear(16, 32, rngs=rngs), down=nnx.Linear(32, 16, rngs=rngs)),
+    return nnx.Dict(mlp=nnx.Dict(up=nnx.Linear(16, 32, rngs=rngs),
+                                 down=nnx.Linear(32, 16, rngs=rngs)),
                     head=nnx.Linear(16, 1, rngs=rngs))
 
 
@@ -272,7 +273,8 @@ def test_tree_factorize_on_dict_and_state_matches_convert():
         assert k_state.rank == k_dict.rank == k_conv.rank < min(k_state.shape)
         np.testing.assert_array_equal(k_state.b, k_conv.b)
     assert not forms.is_form(on_dict["head"]["kernel"])
-    tree = wasi.orthonormalize({"mlp": {"up": {"kernel": forms.LowRank(2 * k_dict.a, 3 * k_dict.b)}}})
+    scaled = forms.LowRank(2 * k_dict.a, 3 * k_dict.b)
+    tree = wasi.orthonormalize({"mlp": {"up": {"kernel": scaled}}})
     k2 = tree["mlp"]["up"]["kernel"]
     np.testing.assert_allclose(k2.materialize(), 6 * k_dict.materialize(), rtol=1e-4, atol=1e-4)
 
@@ -332,7 +334,8 @@ def test_errors_name_the_layer():
     graphdef, params, rest = train.split_model(conv)
     step = train.make_train_step(graphdef, _loss, optax.sgd(0.1), post_update=wasi.post_update)
     opt = train.init_optimizer(optax.sgd(0.1), params)
-    with pytest.raises(ValueError, match=r"'mlp/up'.*\(4, 6, 16\) differs from the calibrated.*\(8, 6, 16\)"):
+    with pytest.raises(ValueError, match=r"'mlp/up'.*\(4, 6, 16\) differs from the "
+                                         r"calibrated.*\(8, 6, 16\)"):
         step(params, opt, rest, (x[:4], x[:4, :, :1]), jax.random.key(0))
     conv_model = nnx.Dict(mlp=nnx.Dict(conv=nnx.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0)),
                                        up=nnx.Linear(4, 4, rngs=nnx.Rngs(0))))
@@ -349,10 +352,10 @@ def test_errors_name_the_layer():
 
 def test_knapsack_is_optimal_against_brute_force():
     rng = np.random.default_rng(0)
-    layers = [[core.RankOption(e, (1,), int(rng.integers(1, 20)) * 1024, float(rng.random()))
+    layers = [[calibration.RankOption(e, (1,), int(rng.integers(1, 20)) * 1024, float(rng.random()))
                for e in (0.4, 0.6, 0.9)] for _ in range(4)]
     for budget in (10, 25, 40, 80):
-        picks = core.knapsack(layers, budget * 1024)
+        picks = calibration.knapsack(layers, budget * 1024)
         cost = sum(layers[i][j].nbytes for i, j in enumerate(picks))
         err = sum(layers[i][j].error for i, j in enumerate(picks))
         feasible = [c for c in itertools.product(range(3), repeat=4)
@@ -370,7 +373,7 @@ def test_convert_with_budget_uses_the_table():
     tight = wasi.convert(_mlp(), sample=sample, budget_bytes=0, verbose=False)
     loose = wasi.convert(_mlp(), sample=sample, budget_bytes=10**9, verbose=False)
     for t, lo in zip(tight.wasi_plans, loose.wasi_plans):
-        assert len(t.options) == len(core.EPS_GRID)
+        assert len(t.options) == len(calibration.EPS_GRID)
         assert t.eps == 0.4 and lo.eps == 0.9
         assert t.compressed_bytes < lo.compressed_bytes
     print(wasi.summary(tight), wasi.summary(loose), sep="\n")
