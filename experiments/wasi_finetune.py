@@ -211,6 +211,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--evals", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--train-limit", type=int)
+    p.add_argument("--num-layers", type=int, help="keep only the first encoder layers")
     p.add_argument("--sweep", type=float, nargs="*", default=[],
                    help="extra WASI runs at one activation eps each (weight eps stays 0.9)")
     p.add_argument("--attention", action="store_true",
@@ -224,8 +228,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def run_all(args) -> dict[str, Any]:
-    settings = {k: getattr(args, k) for k in ("steps", "epochs", "eval_limit", "evals", "seed")
-                if getattr(args, k) is not None}
+    keys = ("steps", "epochs", "eval_limit", "evals", "seed", "batch_size", "max_length",
+            "train_limit", "num_layers")
+    settings = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     chosen = [m for m in methods(args.sweep, args.attention)
               if not args.only or m.name in args.only]
     runs, timing_fns, infer_fns = {}, {}, {}

@@ -377,3 +377,30 @@ def test_convert_with_budget_uses_the_table():
         assert t.eps == 0.4 and lo.eps == 0.9
         assert t.compressed_bytes < lo.compressed_bytes
     print(wasi.summary(tight), wasi.summary(loose), sep="\n")
+
+
+# --- the experiment script ----------------------------------------------------------------------
+
+def test_experiment_script_smoke(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "wasi_finetune.py"
+    spec = importlib.util.spec_from_file_location("wasi_finetune", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--steps", "2", "--num-layers", "1", "--batch-size", "4", "--max-length", "16",
+            "--train-limit", "32", "--eval-limit", "8", "--evals", "1", "--repeats", "1",
+            "--only", "full", "wasi", "--no-progress", "--results-dir", str(tmp_path)]
+    assert script.main(argv) == 0
+    result = json.loads((tmp_path / "wasi.json").read_text())
+    full, low = result["runs"]["full"], result["runs"]["wasi"]
+    print({k: (full[k], low[k]) for k in ("mlp_activation_bytes_measured",
+                                          "mlp_activation_bytes_analytic", "residual_bytes")})
+    assert low["mlp_activation_bytes_measured"] == low["mlp_activation_bytes_analytic"]
+    assert full["mlp_activation_bytes_measured"] == full["mlp_activation_bytes_analytic"]
+    assert low["mlp_activation_bytes_measured"] < full["mlp_activation_bytes_measured"] / 5
+    assert low["residual_bytes"] < full["residual_bytes"]
+    assert (tmp_path / "wasi.png").stat().st_size > 0
+    assert len(script.recorded_rows(result)) == 2
