@@ -105,10 +105,12 @@ def remat_method() -> baselines.Method:
     return baselines.Method(name="remat", convert=convert, lr=5e-5, quick_lr=2e-4)
 
 
-def methods(sweep: list[float], attention: bool) -> list[baselines.Method]:
+def methods(sweep: list[float], attention: bool, energies: list[float] = ()
+            ) -> list[baselines.Method]:
     out = [baselines.Method(name="full", lr=5e-5, quick_lr=2e-4), remat_method(),
            baselines.lora_method(), wasi_method(name="wasi")]
     out += [wasi_method(activation_eps=e) for e in sweep]
+    out += [wasi_method(energy=e, name=f"wasi_w{e:g}") for e in energies]
     if attention:
         out.append(wasi_method(attention=True, name="wasi_attn"))
     return out
@@ -217,6 +219,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, help="keep only the first encoder layers")
     p.add_argument("--sweep", type=float, nargs="*", default=[],
                    help="extra WASI runs at one activation eps each (weight eps stays 0.9)")
+    p.add_argument("--energy", type=float, nargs="*", default=[],
+                   help="extra WASI runs at these weight eps (activation budget stays 5%%)")
     p.add_argument("--attention", action="store_true",
                    help="also a WASI run converting the attention projections")
     p.add_argument("--only", nargs="*", help="run only these method names")
@@ -231,7 +235,7 @@ def run_all(args) -> dict[str, Any]:
     keys = ("steps", "epochs", "eval_limit", "evals", "seed", "batch_size", "max_length",
             "train_limit", "num_layers")
     settings = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
-    chosen = [m for m in methods(args.sweep, args.attention)
+    chosen = [m for m in methods(args.sweep, args.attention, args.energy)
               if not args.only or m.name in args.only]
     runs, timing_fns, infer_fns = {}, {}, {}
     key = jax.random.key(args.seed)
