@@ -26,6 +26,7 @@ from subspace_jax import measure as measure
 from subspace_jax import nn as nn
 from subspace_jax import rules as rules
 from subspace_jax import transforms as transforms
+from subspace_jax import wasi as wasi
 from subspace_jax.forms import KernelForm as KernelForm
 from subspace_jax.forms import LowRank as LowRank
 from subspace_jax.forms import matmul as matmul

@@ -1,0 +1,475 @@
+"""WASI array maths: the linear op with Tucker-compressed activations, its contractions,
+the per-step weight refresh, analytic counters and rank calibration.
+
+Arrays in, arrays out; no Flax. Layout follows Flax: a kernel is ``(in, out)`` and, for WASI,
+``kernel = a @ b`` with ``a = R^T`` (``(in, K)``, singular values folded in) and ``b = L^T``
+(``(K, out)``, orthonormal rows, WASI's basis).
+
+* :func:`wasi_matmul`: ``y = (x @ a) @ b`` as a ``jax.custom_vjp``. On the differentiated
+  path its forward refreshes the activation's Tucker factors by one warm-started
+  subspace-iteration step per mode (:func:`compress`) and saves only
+  the core and the factors for backward, never ``x``; its backward gets the kernel gradient
+  from that compressed activation (:func:`tucker_weight_grad`). Undifferentiated (evaluation)
+  it is two thin matmuls and returns the factors unchanged.
+* :func:`refresh_factored` and :func:`refresh_master`: the two weight-side variants' per-step
+  update of ``(a, b)``.
+* :func:`grad_flops`: the paper's FLOP model of the weight-gradient contraction (the
+  analytic memory count and rank calibration are in :mod:`subspace_jax.wasi.calibration`).
+
+References:
+    Nguyen, Tartaglione, Nguyen, "Efficient Resource-Constrained Training of Transformers via
+    Subspace Optimization" (WASI), arXiv 2510.09160; Nguyen et al., ASI, arXiv 2505.05086.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from subspace_jax import forms, linalg
+
+__all__ = ["orth", "compress", "OpConfig", "wasi_matmul", "tucker_weight_grad", "grad_flops",
+           "choose_order", "refresh_factored", "refresh_master"]
+
+_HI = jax.lax.Precision.HIGHEST
+ORDERS = ("auto", "paper", "project")
+
+
+def _ein(spec: str, *xs: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, *xs, precision=_HI)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight gradient from a Tucker-compressed activation.
+
+
+def _paper_3d(core, factors, g):
+    u1, u2, u3 = factors
+    z1 = _ein("bno,ba->noa", g, u1)        # project g on the batch basis: (N, O, r1)
+    z2 = _ein("apq,np->aqn", core, u2)     # expand the token mode: (r1, r3, N)
+    z3 = _ein("aqn,iq->ain", z2, u3)       # expand the feature mode: (r1, I, N)
+    return _ein("noa,ain->io", z1, z3)     # (I, O)
+
+
+def _paper_4d(core, factors, g):
+    u1, u2, u3, u4 = factors
+    z1 = _ein("ba,bhwd->ahwd", u1, g)      # (r1, H, W, D)
+    z2 = _ein("hp,apqs->ahqs", u2, core)   # (r1, H, r3, r4)
+    z3 = _ein("wq,ahwd->ahqd", u3, z1)     # (r1, H, r3, D)
+    z4 = _ein("cs,ahqs->ahcq", u4, z2)     # (r1, H, C, r3)
+    return _ein("ahqd,ahcq->cd", z3, z4)   # (C, D)
+
+
+def _project(core, factors, g):
+    gp = g
+    for n, u in enumerate(factors[:-1]):   # g x_n U_n^T for every non-feature mode
+        gp = linalg.mode_product(gp, u.T, n)
+    lead = tuple(range(core.ndim - 1))
+    m = jnp.tensordot(core, gp, axes=(lead, lead), precision=_HI)   # (r_d, O)
+    return jnp.matmul(factors[-1], m, precision=_HI)                # (I, O)
+
+
+def grad_flops(shape: Sequence[int], ranks: Sequence[int], out: int, order: str) -> int:
+    """Multiply-add FLOPs (x2) of :func:`tucker_weight_grad` for an input ``shape``.
+
+    Args:
+        shape: activation shape, feature axis last.
+        ranks: Tucker ranks, one per mode.
+        out: columns of ``g`` (output features).
+        order: ``"paper"`` (3-D and 4-D only) or ``"project"``.
+
+    Examples:
+        >>> from subspace_jax.wasi import core
+        >>> core.grad_flops((16, 64, 384), (4, 8, 32), 1536, "project") < 2 * 16 * 64 * 384 * 1536
+        True
+
+    References:
+        WASI, Sec. 3.3 and App. A (FLOP model of f_LR), arXiv 2510.09160.
+    """
+    shape, r = tuple(shape), tuple(ranks)
+    if order == "paper" and len(shape) == 3:
+        (b, n, i), (r1, r2, r3) = shape, r
+        macs = b * n * out * r1 + r1 * r2 * r3 * n + r1 * r3 * i * n + i * out * n * r1
+    elif order == "paper" and len(shape) == 4:
+        (b, h, w, c), (r1, r2, r3, r4) = shape, r
+        macs = (b * r1 * h * w * out + h * r2 * r1 * r3 * r4 + w * r3 * r1 * h * out
+                + c * r4 * r1 * h * r3 + r1 * r3 * h * c * out)
+    elif order == "project":
+        macs, dims = 0, list(shape[:-1])
+        for n in range(len(shape) - 1):   # each projection contracts one mode of g
+            macs += math.prod(dims) * out * r[n]
+            dims[n] = r[n]
+        macs += math.prod(r) * out + shape[-1] * r[-1] * out
+    else:
+        raise ValueError(f"order {order!r} needs a 3-D or 4-D input for 'paper', got {shape}")
+    return 2 * int(macs)
+
+
+def choose_order(shape: Sequence[int], ranks: Sequence[int], out: int) -> str:
+    """The cheaper contraction order for these shapes (``"paper"`` only for 3-D/4-D inputs).
+
+    Examples:
+        >>> from subspace_jax.wasi import core
+        >>> core.choose_order((8, 32), (4, 8), 16)
+        'project'
+    """
+    if len(shape) not in (3, 4):
+        return "project"
+    costs = {o: grad_flops(shape, ranks, out, o) for o in ("paper", "project")}
+    return min(costs, key=costs.get)
+
+
+def tucker_weight_grad(core: jax.Array, factors: Sequence[jax.Array], g: jax.Array, *,
+                       order: str = "auto") -> jax.Array:
+    """``sum over every non-feature axis of x~ (x) g`` for a Tucker activation ``x~``; never
+    rebuilds ``x~``.
+
+    With ``x~ = core x_1 U_1 ... x_d U_d`` of shape ``(dim_1, ..., dim_{d-1}, I)`` and ``g``
+    of shape ``(dim_1, ..., dim_{d-1}, O)`` this is the ``(I, O)`` kernel gradient of
+    ``x~ @ kernel``. ``order="paper"`` follows the contraction order of the WASI code for 3-D
+    ``(B, N, I)`` and 4-D ``(B, H, W, C)`` inputs; ``"project"`` projects ``g`` onto every
+    non-feature basis first, contracts with the core, then expands the feature mode (any
+    order ``d >= 2``, cheaper when the ranks are small); ``"auto"`` picks the cheaper one.
+
+    Args:
+        core: ``(r_1, ..., r_d)``.
+        factors: ``d`` matrices ``(dim_n, r_n)``.
+        g: output gradient ``(dim_1, ..., dim_{d-1}, O)``.
+        order: ``"auto"``, ``"paper"`` or ``"project"``.
+
+    Returns:
+        Float32 ``(I, O)``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import linalg
+        >>> from subspace_jax.wasi import core
+        >>> x = jax.random.normal(jax.random.key(0), (3, 4, 5))
+        >>> g = jax.random.normal(jax.random.key(1), (3, 4, 2))
+        >>> t = linalg.hosvd(x, ranks=(3, 4, 5))                      # full ranks: exact
+        >>> dense = jnp.einsum("bni,bno->io", x, g)
+        >>> bool(jnp.allclose(core.tucker_weight_grad(t.core, t.factors, g), dense, atol=1e-4))
+        True
+
+    References:
+        WASI, Sec. 3.3 (f_LR), arXiv 2510.09160.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    factors = tuple(jnp.asarray(u, jnp.float32) for u in factors)
+    core, g = jnp.asarray(core, jnp.float32), jnp.asarray(g, jnp.float32)
+    shape = tuple(u.shape[0] for u in factors)
+    if order == "auto":
+        order = choose_order(shape, core.shape, g.shape[-1])
+    if order == "paper" and core.ndim == 3:
+        return _paper_3d(core, factors, g)
+    if order == "paper" and core.ndim == 4:
+        return _paper_4d(core, factors, g)
+    if order == "paper":
+        raise ValueError(f"order='paper' needs a 3-D or 4-D activation, got {core.ndim}-D")
+    return _project(core, factors, g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthonormalisation and the per-step activation compression.
+
+
+def _chol_qr(p, shift=None):
+    g = jnp.matmul(p.T, p, precision=_HI)
+    if shift is not None:
+        g = g + shift * jnp.eye(g.shape[0], dtype=g.dtype)
+    low = jnp.linalg.cholesky(g)
+    q = jax.scipy.linalg.solve_triangular(low, p.T, lower=True).T
+    return q, low.T
+
+
+@jax.jit
+def orth(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Reduced QR with ``diag(r) > 0`` by shifted CholeskyQR3, falling back to a Householder QR
+    (:func:`subspace_jax.linalg.qr_positive`) if it breaks down; float32, jittable.
+
+    The QR with a positive diagonal is unique, so this returns what ``qr_positive`` returns
+    (same sign convention, no flipped columns) for any full-column-rank ``p`` with condition
+    number up to about 1e6, from three small Cholesky factorisations of ``k x k`` Gram
+    matrices: on CPU it is one to two orders of magnitude faster than XLA's Householder QR.
+
+    Args:
+        p: ``(m, k)`` with ``m >= k``.
+
+    Returns:
+        ``(q, r)``: ``q`` ``(m, k)`` orthonormal columns, ``r`` ``(k, k)`` upper triangular.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import linalg
+        >>> from subspace_jax.wasi import core
+        >>> p = jax.random.normal(jax.random.key(0), (50, 6))
+        >>> q, r = core.orth(p)
+        >>> bool(jnp.allclose(q, linalg.qr_positive(p)[0], atol=1e-4))
+        True
+        >>> bool(jnp.allclose(q @ r, p, atol=1e-4))
+        True
+
+    References:
+        Fukaya, Kannan, Nakatsukasa, Yamamoto, Yanagisawa, "Shifted Cholesky QR for computing
+        the QR factorization of ill-conditioned matrices", SIAM J. Sci. Comput. 2020
+        (arXiv 1809.11085).
+    """
+    p = jnp.asarray(p, jnp.float32)
+    m, k = p.shape
+    shift = 11.0 * (m * k + k * (k + 1)) * float(jnp.finfo(jnp.float32).eps) * jnp.sum(p * p)
+    q, r1 = _chol_qr(p, shift)
+    q, r2 = _chol_qr(q)
+    q, r3 = _chol_qr(q)
+    r = jnp.matmul(r3, jnp.matmul(r2, r1, precision=_HI), precision=_HI)
+    ok = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(r))
+    return jax.lax.cond(ok, lambda: (q, r), lambda: linalg.qr_positive(p))
+
+
+def _gram_apply(xm, u):
+    m, n = xm.shape
+    k = u.shape[1]
+    if 2 * n * k <= m * (n + k):
+        return jnp.matmul(xm, jnp.matmul(xm.T, u, precision=_HI), precision=_HI)
+    return jnp.matmul(jnp.matmul(xm, xm.T, precision=_HI), u, precision=_HI)
+
+
+@jax.jit
+def compress(x: jax.Array, factors_prev: Sequence[jax.Array]) -> linalg.Tucker:
+    """WASI's per-step activation compression: per mode one warm-started subspace-iteration
+    step ``U_n = orth(X_(n) X_(n)^T U_n_prev)`` from the original ``x``, then the core.
+
+    The same maths and sign convention as :func:`subspace_jax.linalg.hosvd_step`, with the
+    orthonormalisation done by :func:`orth` (fast on CPU). Jittable; ranks from the shapes.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import linalg
+        >>> from subspace_jax.wasi import core
+        >>> x = jax.random.normal(jax.random.key(0), (6, 8, 10))
+        >>> prev = linalg.hosvd(x, ranks=(2, 3, 4)).factors
+        >>> t, ref = core.compress(x, prev), linalg.hosvd_step(x, prev)
+        >>> bool(jnp.allclose(t.core, ref.core, atol=1e-3)), t.core.shape
+        (True, (2, 3, 4))
+
+    References:
+        WASI, Sec. 3.3 (activation subspace iteration), arXiv 2510.09160.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    factors = tuple(orth(_gram_apply(linalg.unfold(x, n), jnp.asarray(u, jnp.float32)))[0]
+                    for n, u in enumerate(factors_prev))
+    core = x
+    for n, u in enumerate(factors):
+        core = linalg.mode_product(core, u.T, n)
+    return linalg.Tucker(core, factors)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom-VJP linear op.
+
+
+@dataclasses.dataclass(frozen=True)
+class OpConfig:
+    """Static settings of :func:`wasi_matmul` (hashable; part of the trace).
+
+    Attributes:
+        variant: ``"factored"`` (gradients for ``a`` and ``b``) or ``"master"`` (a gradient
+            for the full master kernel ``w``; ``a`` and ``b`` get zeros).
+        order: contraction order of the weight gradient (see :func:`tucker_weight_grad`).
+        name: the layer's path, for error messages.
+        precision: of the forward and input-gradient matmuls.
+        dot_general: computes the forward and input-gradient matmuls (None: lax's).
+        w_dtype: dtype of the master kernel's gradient.
+    """
+
+    variant: str = "factored"
+    order: str = "auto"
+    name: str = "wasi"
+    precision: Any = None
+    dot_general: Callable | None = None
+    w_dtype: Any = None
+
+
+def _matmul(cfg: OpConfig, x, a, b):
+    kw = dict(precision=cfg.precision, dot_general=cfg.dot_general)
+    return forms.dot(forms.dot(x, a, **kw), b, **kw)
+
+
+def _check_batch(cfg: OpConfig, x, factors) -> None:
+    want = tuple(int(u.shape[0]) for u in factors)
+    if tuple(x.shape) != want:
+        raise ValueError(
+            f"WASI layer {cfg.name!r}: training input of shape {tuple(x.shape)} differs from the "
+            f"calibrated activation shape {want} (the Tucker factors, batch mode included, have "
+            "fixed shapes: use the calibrated batch size and sequence length, drop the last "
+            "partial batch, or convert again)")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def wasi_matmul(cfg: OpConfig, x: jax.Array, w: jax.Array | None, a: jax.Array, b: jax.Array,
+                factors: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """``((x @ a) @ b, new_factors)`` with a backward that keeps only a Tucker-compressed ``x``.
+
+    Differentiated (training), the forward runs one warm-started subspace-iteration step per
+    mode of ``x`` (under ``stop_gradient``) from ``factors``, returns the refreshed factors and
+    saves only the core, the factors and ``a``, ``b``. The backward computes
+
+    * ``dx = (g @ b^T) @ a^T`` (exact);
+    * ``factored``: ``da = sum x~^T (g @ b^T)`` and ``db = sum (x~ @ a)^T g``, both by
+      :func:`tucker_weight_grad` (the dense ``(in, out)`` gradient is never formed);
+    * ``master``: ``dw = sum x~^T g``, ``(in, out)``;
+
+    and zero cotangents for the factors. Undifferentiated (evaluation) it is two thin
+    matmuls and returns ``factors`` unchanged, whatever the batch shape.
+
+    Args:
+        cfg: an :class:`OpConfig` (static).
+        x: ``(..., in)`` activation, in the compute dtype of ``a`` and ``b``.
+        w: the master ``(in, out)`` kernel (only receives a gradient), or None (factored).
+        a: ``(in, K)``.
+        b: ``(K, out)``.
+        factors: previous Tucker factors, one ``(dim_n, r_n)`` matrix per mode of ``x``.
+
+    Returns:
+        ``(y, factors)``: ``y`` of shape ``(..., out)`` and the refreshed (training) or
+        unchanged (evaluation) float32 factors.
+
+    Raises:
+        ValueError: when differentiated with an ``x`` whose shape differs from the factors'
+            (the calibrated shape); the message names the layer.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import linalg
+        >>> from subspace_jax.wasi import core
+        >>> x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+        >>> a, b = jnp.eye(4, 2), jnp.eye(2, 4)
+        >>> factors = linalg.hosvd(x, ranks=(2, 3, 4)).factors
+        >>> y, new = core.wasi_matmul(core.OpConfig(), x, None, a, b, factors)
+        >>> y.shape, new[1].shape
+        ((2, 3, 4), (3, 3))
+
+    References:
+        WASI, Sec. 3.3-3.4 and Algorithm 1, arXiv 2510.09160.
+    """
+    del w
+    return _matmul(cfg, x, a, b), tuple(factors)
+
+
+def _fwd(cfg, x, w, a, b, factors):
+    del w
+    _check_batch(cfg, x, factors)
+    t = compress(jax.lax.stop_gradient(x), factors)
+    return (_matmul(cfg, x, a, b), t.factors), (t.core, t.factors, a, b)
+
+
+def _bwd(cfg, res, cts):
+    core, factors, a, b = res
+    g = cts[0]
+    kw = dict(precision=cfg.precision, dot_general=cfg.dot_general)
+    dx = forms.dot(forms.dot(g, b.T, **kw), a.T, **kw)
+    zeros = tuple(jnp.zeros_like(u) for u in factors)  # the state is float32, like these
+    g32, a32, b32 = (jnp.asarray(v, jnp.float32) for v in (g, a, b))
+    if cfg.variant == "master":
+        dw = tucker_weight_grad(core, factors, g32, order=cfg.order).astype(cfg.w_dtype)
+        return dx, dw, jnp.zeros_like(a), jnp.zeros_like(b), zeros
+    h = jnp.matmul(g32, b32.T, precision=_HI)
+    da = tucker_weight_grad(core, factors, h, order=cfg.order)
+    feat = jnp.matmul(a32.T, factors[-1], precision=_HI)          # (K, r_d): x~ @ a's basis
+    db = tucker_weight_grad(core, factors[:-1] + (feat,), g32, order=cfg.order)
+    return dx, None, da.astype(a.dtype), db.astype(b.dtype), zeros
+
+
+wasi_matmul.defvjp(_fwd, _bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight side: the per-step refresh of (a, b).
+
+
+def _orth_near_orthonormal(p):
+    """CholeskyQR2 without shift: exact to float32 for the well-conditioned basis an optimizer
+    step leaves (``p^T p`` close to the identity); :func:`orth` if it breaks down."""
+    q, r1 = _chol_qr(p)
+    q, r2 = _chol_qr(q)
+    r = jnp.matmul(r2, r1, precision=_HI)
+    ok = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(r))
+    return jax.lax.cond(ok, lambda: (q, r), lambda: orth(p))
+
+
+@jax.jit
+def refresh_factored(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Re-orthonormalise the basis of ``a @ b`` after an optimizer step; the product is kept.
+
+    ``b^T = q r`` (sign-fixed QR, ``diag(r) >= 0``, by :func:`orth`), ``b' = q^T``,
+    ``a' = a r^T``. This is the
+    warm-started subspace-iteration step of WASI applied to the rank-K product itself: one
+    power step from ``b^T`` on ``(a b)^T`` spans exactly ``range(b^T)``, so only the
+    orthonormalisation remains, at ``O(out K^2)`` instead of ``O(in out K)`` and without
+    forming the dense kernel. Positive diagonals keep ``b'`` close to ``b``, so optimizer
+    moments stay aligned with their coordinates and no rank-1 term flips sign.
+
+    Args:
+        a: ``(in, K)``.
+        b: ``(K, out)``.
+
+    Returns:
+        ``(a', b')`` in the input dtypes with ``a' @ b' == a @ b`` (float32 round-off) and
+        orthonormal rows in ``b'``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax.wasi import core
+        >>> a, b = jnp.ones((5, 2)), jnp.array([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
+        >>> a2, b2 = core.refresh_factored(a, b)
+        >>> bool(jnp.allclose(a2 @ b2, a @ b, atol=1e-5))
+        True
+        >>> bool(jnp.allclose(b2 @ b2.T, jnp.eye(2), atol=1e-6))
+        True
+
+    References:
+        WASI, Algorithm 1 and Sec. 3.2, arXiv 2510.09160.
+    """
+    q, r = _orth_near_orthonormal(jnp.asarray(b, jnp.float32).T)
+    a2 = jnp.matmul(jnp.asarray(a, jnp.float32), r.T, precision=_HI)
+    return a2.astype(a.dtype), q.T.astype(b.dtype)
+
+
+@jax.jit
+def refresh_master(w: jax.Array, b_prev: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Re-derive ``(a, b)`` from the master kernel by one warm-started subspace-iteration step.
+
+    In WASI's layout ``W = w^T`` (out, in) and ``L_prev = b_prev^T``: ``L = orth(W W^T L_prev)``
+    with the sign-fixed QR (:func:`orth`; the result of
+    :func:`subspace_jax.linalg.subspace_iteration`), then ``R = L^T W`` (recomputed after
+    orthonormalising, which removes the reference code's sign flip at the SVD -> iteration
+    hand-over). Never an SVD.
+
+    Args:
+        w: master ``(in, out)`` kernel.
+        b_prev: previous basis ``(K, out)``.
+
+    Returns:
+        ``(a, b)`` float32: ``a = R^T`` ``(in, K)``, ``b = L^T`` ``(K, out)``; ``a @ b`` is
+        ``w`` projected on the tracked K-dim output subspace.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax.wasi import core
+        >>> w = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+        >>> a, b = core.refresh_master(w, jnp.eye(3)[:2])
+        >>> bool(jnp.allclose(a @ b, jnp.diag(jnp.array([3.0, 2.0, 0.0])), atol=1e-5))
+        True
+
+    References:
+        WASI, Algorithm 1, arXiv 2510.09160.
+    """
+    wt = jnp.asarray(w, jnp.float32).T
+    q, _ = orth(_gram_apply(wt, jnp.asarray(b_prev, jnp.float32).T))
+    return jnp.matmul(wt.T, q, precision=_HI), q.T
