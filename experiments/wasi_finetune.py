@@ -327,9 +327,14 @@ def demo_rows(budget, progress: bool) -> list[dict[str, Any]]:
 
 
 def recorded_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows of ``results/wasi.json`` in the demo's format."""
+    """The WASI rows of ``results/wasi.json`` in the demo's format (its baselines are the
+    demo's own rows), labelled with the steps they trained."""
     from subspace_jax import demo
-    return [demo._row(name, r) for name, r in result["runs"].items()]
+    return [demo._row(f"WASI ({r['steps']} steps)", r) for name, r in result["runs"].items()
+            if name.startswith("wasi")]
+
+
+RECORDED = {"wasi.json": recorded_rows}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ __all__ = ["main"]
 _MODELS = ("minilm", "vit-digits", "llama-1m", "llama-5m", "llama-20m", "llama-100m")
 #: ``bench`` names -> the experiment script (``experiments/<stem>.py``) that measures them.
 BENCHES: dict[str, str] = {"lorapre": "lorapre_pretrain", "littlebit": "littlebit_compress",
-                           "littlebit-qat": "littlebit_qat"}
+                           "littlebit-qat": "littlebit_qat", "wasi": "wasi_finetune"}
 
 
 def _abstract_model(name: str):
