@@ -21,6 +21,7 @@ from subspace_jax import forms as forms
 from subspace_jax import linalg as linalg
 from subspace_jax import lora as lora
 from subspace_jax import measure as measure
+from subspace_jax import nested as nested
 from subspace_jax import nn as nn
 from subspace_jax import rules as rules
 from subspace_jax import transforms as transforms
@@ -62,6 +63,7 @@ __all__ = (
     "materialize",
     "matmul",
     "measure",
+    "nested",
     "nn",
     "rules",
     "select",

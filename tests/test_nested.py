@@ -133,6 +133,18 @@ def test_convert_reproduces_the_dense_model_and_keeps_attention_dense():
     assert type(model.bert.encoder.layers[0].mlp.up.kernel.get_value()) is not nested.Nested
 
 
+def test_bfloat16_layers_keep_their_dtype():
+    mlp = nnx.Sequential(nnx.Linear(16, 40, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    model = nested.convert(mlp, nested.NestedRule(pattern=".*kernel"))
+    kernel = model.layers[0].kernel.get_value()
+    assert kernel.a.dtype == kernel.b.dtype == jnp.bfloat16
+    x = jax.random.normal(jax.random.key(1), (3, 16)).astype(jnp.bfloat16)
+    y, want = model(x), mlp(x)
+    assert y.dtype == jnp.bfloat16
+    err = float(jnp.abs(y.astype(jnp.float32) - want.astype(jnp.float32)).max())
+    assert err <= 4 * 2.0 ** -8 * float(jnp.abs(want.astype(jnp.float32)).max())
+
+
 def test_default_rules_select_mlp_paths_only():
     rule = rules.Rule(pattern=nested.MLP_PATTERN)
     yes = ["bert/encoder/layers/3/mlp/up/kernel", "blocks/0/mlp/gate/kernel",

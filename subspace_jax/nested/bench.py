@@ -94,11 +94,14 @@ def eval_arrays(cfg: baselines.FinetuneConfig) -> dict[str, dict[str, np.ndarray
 
 
 def sweep(graphdef: Any, params: Any, rest: Any, arrays: Mapping[str, Mapping[str, np.ndarray]],
-          ranks: Sequence[int], *, batch_size: int = 64) -> list[dict[str, float]]:
-    """Loss and accuracy of a converted classifier at each global rank (static widths).
+          ranks: Sequence[int], *, batch_size: int = 64, static: bool = True,
+          ) -> list[dict[str, float]]:
+    """Loss and accuracy of a converted classifier at each global rank.
 
-    Each rank compiles its own evaluation (its width is in the graph) and costs what it
-    would cost deployed.
+    With ``static=True`` each rank compiles its own evaluation (its width is in the graph)
+    and costs what it would cost deployed; with ``static=False`` only the traced ranks
+    change: one compilation for every rank, each at the full width's cost. Both give the
+    same numbers.
 
     Returns:
         One dict per rank: ``rank`` and ``<split>_loss`` / ``<split>_accuracy`` per split.
@@ -107,11 +110,14 @@ def sweep(graphdef: Any, params: Any, rest: Any, arrays: Mapping[str, Mapping[st
         >>> rows = sweep(graphdef, params, rest, arrays, [8, 384])  # doctest: +SKIP
     """
     model = nnx.merge(graphdef, params, rest)
+    traced = None if static else train.make_eval_step(graphdef, baselines.classifier_metrics)
     rows = []
     for r in ranks:
-        layer.set_rank(model, r)
-        g, p, s = train.split_model(model)
-        step = train.make_eval_step(g, baselines.classifier_metrics)
+        if static:
+            g, p, s = train.split_model(layer.set_rank(model, r))
+            step = train.make_eval_step(g, baselines.classifier_metrics)
+        else:
+            step, p, s = traced, params, layer.set_rank(rest, r)
         row: dict[str, float] = {"rank": r}
         for split, values in arrays.items():
             sums = train.evaluate(step, p, s, values, batch_size=batch_size)
@@ -233,7 +239,7 @@ def demo_rows(budget: Any, progress: bool) -> list[dict[str, Any]]:
     half = cost.rank_for_budget(model, 0.5)
     ranks = [top, half, max(1, top // 8)]
     rows = sweep(run.graphdef, run.params, run.rest, eval_arrays(cfg), ranks,
-                 batch_size=cfg.eval_batch_size)
+                 batch_size=cfg.eval_batch_size, static=False)
     names = [f"NSN r{top} (max)", f"NSN r{half} (50% MLP)", f"NSN r{ranks[2]}"]
     return [_row(n, run.result, row) for n, row in zip(names, rows)]
 

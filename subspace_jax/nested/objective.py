@@ -14,7 +14,8 @@ The variant is uniform over a window of the grid that a curriculum widens toward
 ranks: only the highest variant at step 0, the whole grid after ``curriculum_steps``.
 The rank is a traced int32 (it masks components, :class:`~subspace_jax.nested.NestedLinear`),
 so one compiled step serves every sampled rank, and the parameter tree (hence the
-optimizer state) never changes. The state lives on the model: an :class:`Objective`
+optimizer state) never changes; the price is that the variant pass computes the full
+width whatever its rank (a step costs two full-rank passes, forward and backward). The state lives on the model: an :class:`Objective`
 module holding the ``s_k`` (an ``nnx.Param``, so the optimizer really updates them) and a
 step counter (method state, threaded by :func:`subspace_jax.train.make_train_step`).
 
@@ -235,15 +236,16 @@ def optimizer(tx: optax.GradientTransformation, *, log_var_lr: float = 1e-2,
     decay or clipping, and ``tx`` (with its schedule and gradient clipping) sees the rest.
 
     Examples:
-        >>> import jax.numpy as jnp, optax
+        >>> import jax, jax.numpy as jnp, optax
         >>> from subspace_jax import nested, train
         >>> tx = nested.optimizer(optax.sgd(0.1), log_var_lr=0.5)
         >>> params = {"w": jnp.ones(2), "nsn": {"log_var": jnp.zeros(3)}}
         >>> state = train.init_optimizer(tx, params)
         >>> grads = {"w": jnp.ones(2), "nsn": {"log_var": jnp.ones(3)}}
-        >>> updates, _ = tx.update(grads, state, params)
-        >>> updates["w"].round(4).tolist(), updates["nsn"]["log_var"].round(4).tolist()
-        ([-0.1, -0.1], [-0.5, -0.5, -0.5])
+        >>> with jax.numpy_dtype_promotion(train.OPTIMIZER_PROMOTION):
+        ...     updates, _ = tx.update(grads, state, params)
+        >>> [round(float(u), 4) for u in (updates["w"][0], updates["nsn"]["log_var"][0])]
+        [-0.1, -0.5]
     """
     if not log_var_lr > 0:
         raise ValueError(f"optimizer: log_var_lr={log_var_lr!r} must be > 0")
