@@ -37,9 +37,10 @@ LATENCY_RANKS = (8, 32, 64, 96, 153, 192, 256, 307, 384)
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs on subsets")
-    p.add_argument("--steps", type=int, help="steps of every training run (default 2 epochs)")
+    p.add_argument("--epochs", type=int, default=1, help="passes of every training run")
+    p.add_argument("--steps", type=int, help="steps of every training run (overrides epochs)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float, help="peak learning rate of every run")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of every run")
     p.add_argument("--seed", type=int)
     p.add_argument("--train-limit", type=int)
     p.add_argument("--eval-limit", type=int)
@@ -64,8 +65,8 @@ def _ints(text, default):
 
 
 def _config(args, mode):
-    fields = {"steps", "batch_size", "lr", "seed", "train_limit", "eval_limit", "num_layers",
-              "max_length"}
+    fields = {"epochs", "steps", "batch_size", "lr", "seed", "train_limit", "eval_limit",
+              "num_layers", "max_length"}
     settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     return baselines.FinetuneConfig.make(quick=args.quick, mode=mode, evals=1, **settings)
 
@@ -161,7 +162,7 @@ def main(argv=None) -> int:
     # 2. one NSN model over the rank grid
     grid = _ints(args.grid, nested.core.rank_grid(top))
     method = bench.nested_method(steps, grid=grid, curriculum=args.curriculum,
-                                 log_var_lr=args.log_var_lr, lr=args.lr or 1e-4)
+                                 log_var_lr=args.log_var_lr)
     _, run = _train(args, method, "nested", progress)
     model = nnx.merge(run.graphdef, run.params, run.rest)
     sampled = run.result["history"]["metrics"]["variant_rank"]
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     for r in specialists:
         if r > top:
             continue
-        _, srun = _train(args, bench.specialist_method(r, lr=args.lr or 1e-4), f"specialist_r{r}",
+        _, srun = _train(args, bench.specialist_method(r), f"specialist_r{r}",
                          progress)
         spec_models[r] = nnx.merge(srun.graphdef, srun.params, srun.rest)
         lower = tuple(sorted({max(1, r // 4), max(1, r // 2), r}))
