@@ -23,6 +23,7 @@ from subspace_jax import littlebit as littlebit
 from subspace_jax import lora as lora
 from subspace_jax import lorapre as lorapre
 from subspace_jax import measure as measure
+from subspace_jax import nested as nested
 from subspace_jax import nn as nn
 from subspace_jax import rules as rules
 from subspace_jax import transforms as transforms
@@ -67,6 +68,7 @@ __all__ = (
     "materialize",
     "matmul",
     "measure",
+    "nested",
     "nn",
     "rules",
     "select",

@@ -1,0 +1,342 @@
+"""NSN on MiniLM: one model fine-tuned on pydoc topics, read at any rank of its MLP Linears.
+
+    python experiments/nested_finetune.py                 # the recorded run (results/nested.json)
+    python experiments/nested_finetune.py --quick         # minutes: subsets, few steps
+
+Trains, with the same steps, batch and seed: full fine-tuning (dense), one NSN model (MLP
+Linears converted at R = 384, anchor + one sampled rank per step, learned log-variances,
+curriculum), and specialists converted and trained at fixed ranks. Reports accuracy against
+rank for NSN, for plain SVD truncation of the fine-tuned dense model and for the
+specialists; cost fractions under three denominators; forward latency per rank measured
+round robin beside the dense model (and one Linear alone); nesting (principal angles);
+component energies; the learned log-variances. Writes ``results/nested[_quick].json``,
+``.png`` (accuracy against FLOPs and latency), ``_analysis.png`` and ``.md`` (the README
+table with this command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from subspace_jax import baselines, experiment, measure, nested, train
+from subspace_jax.nested import bench
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+EVAL_RANKS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 240, 256, 307, 384)
+LATENCY_RANKS = (8, 32, 64, 96, 153, 192, 256, 307, 384)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs on subsets")
+    p.add_argument("--epochs", type=int, default=1, help="passes of every training run")
+    p.add_argument("--steps", type=int, help="steps of every training run (overrides epochs)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of every run")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--train-limit", type=int)
+    p.add_argument("--eval-limit", type=int)
+    p.add_argument("--num-layers", type=int, help="keep only the first encoder layers")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--grid", help="training ranks, comma-separated (default: rank_grid(R))")
+    p.add_argument("--ranks", help="evaluation ranks, comma-separated")
+    p.add_argument("--specialists", default="48,153,256", help="fixed-rank specialists")
+    p.add_argument("--curriculum", type=float, default=0.3, help="share of steps to widen")
+    p.add_argument("--log-var-lr", type=float, default=1e-2)
+    p.add_argument("--latency-ranks", help="ranks timed (default: a subset of --ranks)")
+    p.add_argument("--latency-repeats", type=int, default=10)
+    p.add_argument("--latency-rows", type=int, default=32, help="texts per timed forward")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--results-dir", type=Path, default=RESULTS)
+    p.add_argument("--name", help="result file stem")
+    return p.parse_args(argv)
+
+
+def _ints(text, default):
+    return tuple(int(x) for x in text.split(",")) if text else tuple(default)
+
+
+def _config(args, mode):
+    fields = {"epochs", "steps", "batch_size", "lr", "seed", "train_limit", "eval_limit",
+              "num_layers", "max_length"}
+    settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return baselines.FinetuneConfig.make(quick=args.quick, mode=mode, evals=1, **settings)
+
+
+def _train(args, method, mode, progress):
+    cfg = _config(args, mode)
+    start = time.perf_counter()
+    run = baselines.train_text_classifier(cfg, method=method, progress=progress)
+    print(f"{mode}: {run.result['steps']} steps, median step "
+          f"{run.result['median_step_seconds']:.2f} s, {time.perf_counter() - start:.0f} s",
+          flush=True)
+    return cfg, run
+
+
+def _summary(run):
+    keep = ("mode", "lr", "steps", "median_step_seconds", "compiled_memory", "residual_bytes",
+            "flops_matmul", "trainable_params", "model_params", "optimizer_state_bytes",
+            "val_accuracy", "test_accuracy", "train_seconds")
+    return {k: run.result[k] for k in keep if k in run.result}
+
+
+def _layer_latency(d_in, d_out, tokens, ranks, repeats):
+    """One (d_in, d_out) Linear alone: dense matmul against nested prefixes, round robin."""
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (d_in, d_out)) / np.sqrt(d_in)
+    x = jax.random.normal(jax.random.key(1), (tokens, d_in))
+    kernel = nested.Nested.from_dense(w)
+    fns = {"dense": (jax.jit(lambda x, w: x @ w), (x, w))}
+    for r in ranks:
+        fns[f"r{r}"] = (jax.jit(lambda x, k, r=r: k.matmul_at(x, r)), (x, kernel))
+    timing = measure.compare(fns, warmup=2, repeats=repeats)
+    return {name: {"rank": None if name == "dense" else int(name[1:]),
+                   "median_s": timing.median(name),
+                   "macs_per_token": d_in * d_out if name == "dense"
+                   else int(name[1:]) * (d_in + d_out)}
+            for name in fns}
+
+
+def _fit(xs, ys):
+    """Least-squares line and R^2."""
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    slope, icpt = np.polyfit(xs, ys, 1)
+    pred = slope * xs + icpt
+    r2 = 1 - ((ys - pred) ** 2).sum() / max(((ys - ys.mean()) ** 2).sum(), 1e-30)
+    return {"slope": slope, "intercept": icpt, "r2": r2}
+
+
+def _sweep(graph, arrays, ranks, val_ranks):
+    """Test accuracy at every rank, validation accuracy too at ``val_ranks``."""
+    rows = bench.sweep(*graph, {"test": arrays["test"]}, ranks)
+    val = _by_rank(bench.sweep(*graph, {"val": arrays["val"]},
+                               [r for r in ranks if r in val_ranks]))
+    for row in rows:
+        row.update(val.get(row["rank"], {}))
+    return rows
+
+
+def _by_rank(rows):
+    return {row["rank"]: row for row in rows}
+
+
+def main(argv=None) -> int:
+    """Run the benchmark (see the module docstring); returns the exit status."""
+    args = parse(argv)
+    progress = not args.no_progress
+    start = time.perf_counter()
+    eval_ranks = _ints(args.ranks, EVAL_RANKS)
+    specialists = _ints(args.specialists, ())
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out: dict = {"task": "pydoc_topics", "model": "all-MiniLM-L6-v2",
+                 "command": " ".join(["python experiments/nested_finetune.py", *argv])}
+
+    # 1. dense fine-tuning, then plain SVD truncation of the fine-tuned model (no NSN training)
+    cfg, dense = _train(args, None, "full", progress)
+    arrays = bench.eval_arrays(cfg)
+    steps = dense.result["steps"]
+    dense_model = nnx.merge(dense.graphdef, dense.params, dense.rest)
+    svd_model = nested.convert(dense_model)
+    top = max(m.kernel.get_value().max_rank for _, m in nested.layers(svd_model))
+    half = nested.rank_for_budget(svd_model, 0.5, "mlp")  # 50% of the dense-MLP FLOPs
+    headline = [top, half, max(1, top // 8)]
+    eval_ranks = tuple(sorted({r for r in eval_ranks if r <= top} | set(headline)))
+    batch = {k: jnp.asarray(v[:args.latency_rows]) for k, v in arrays["test"].items()}
+    logits = {n: baselines._logits(m, batch)
+              for n, m in (("dense", dense_model), ("svd", svd_model))}
+    svd_graph = train.split_model(svd_model)
+    out["dense"] = _summary(dense)
+    out["svd_truncation"] = {
+        "max_abs_logit_difference_at_R": float(jnp.abs(logits["dense"] - logits["svd"]).max()),
+        "sweep": _sweep(svd_graph, arrays, eval_ranks, headline)}
+    print("SVD truncation swept", flush=True)
+
+    # 2. one NSN model over the rank grid
+    grid = _ints(args.grid, nested.core.rank_grid(top))
+    method = bench.nested_method(steps, grid=grid, curriculum=args.curriculum,
+                                 log_var_lr=args.log_var_lr)
+    _, run = _train(args, method, "nested", progress)
+    model = nnx.merge(run.graphdef, run.params, run.rest)
+    sampled = run.result["history"]["metrics"]["variant_rank"]
+    ranks_seen, counts = np.unique(np.asarray(sampled, int), return_counts=True)
+    out["nested"] = {
+        **_summary(run), "grid": list(grid), "curriculum_steps": int(args.curriculum * steps),
+        "log_var_lr": args.log_var_lr,
+        "sampled_ranks": {int(r): int(c) for r, c in zip(ranks_seen, counts)},
+        "log_variances": dict(zip(map(str, grid), np.asarray(model.nsn.log_var[...]).tolist())),
+        "history": {k: run.result["history"]["metrics"][k] for k in
+                    ("ce_anchor", "ce_variant", "variant_rank", "s_anchor", "s_variant")},
+        "sweep": _sweep((run.graphdef, run.params, run.rest), arrays, eval_ranks, headline)}
+    for row in out["nested"]["sweep"]:
+        row["trained"] = row["rank"] in grid
+        row["sampled"] = row["rank"] in out["nested"]["sampled_ranks"] or row["rank"] == top
+    print("NSN swept", flush=True)
+
+    # 3. specialists at fixed ranks
+    out["specialists"] = {}
+    spec_models = {}
+    for r in specialists:
+        if r > top:
+            continue
+        _, srun = _train(args, bench.specialist_method(r), f"specialist_r{r}",
+                         progress)
+        spec_models[r] = nnx.merge(srun.graphdef, srun.params, srun.rest)
+        lower = tuple(sorted({max(1, r // 4), max(1, r // 2), r}))
+        out["specialists"][str(r)] = {
+            **_summary(srun),
+            "sweep": _sweep((srun.graphdef, srun.params, srun.rest), arrays, lower, [r])}
+
+    # 4. costs, latency, nesting, energies
+    out["costs"] = {
+        "layers": [{"path": c.path, "d_in": c.d_in, "d_out": c.d_out, "max_rank": c.max_rank,
+                    "dense_macs": c.dense, "macs_per_rank": c.per_rank, "break_even": c.break_even}
+                   for c in nested.layer_costs(model)],
+        "other_linear_macs": nested.other_linear_macs(model),
+        "by_rank": {str(r): nested.flop_fractions(model, r) for r in eval_ranks},
+        "rank_for_budget": {f"{d}@{f}": nested.rank_for_budget(model, f, d)
+                            for d in nested.DENOMINATORS for f in (0.25, 0.5, 0.75, 1.0)
+                            if f >= nested.flop_fractions(model, 1)[d]}}
+    lat_ranks = tuple(r for r in _ints(args.latency_ranks, LATENCY_RANKS) if r <= top) or (top,)
+    dense_shell = nnx.merge(dense.graphdef, dense.params, dense.rest)
+    out["latency"] = {"rows": args.latency_rows, "tokens": int(batch["input_ids"].size),
+                      "model": bench.latency(model, dense_shell, lat_ranks, batch,
+                                             repeats=args.latency_repeats)}
+    costs = {c.path: c for c in nested.layer_costs(model)}
+    first = next(iter(costs.values()))
+    out["latency"]["layer"] = {"d_in": first.d_in, "d_out": first.d_out, "tokens": 2048,
+                               "times": _layer_latency(first.d_in, first.d_out, 2048, lat_ranks,
+                                                       args.latency_repeats)}
+    timed = [v for v in out["latency"]["model"].values()]
+    out["latency"]["model_fit"] = _fit([v["flops_matmul"] for v in timed],
+                                       [v["median_s"] for v in timed])
+    layer_times = list(out["latency"]["layer"]["times"].values())
+    out["latency"]["layer_fit"] = _fit([v["macs_per_token"] for v in layer_times],
+                                       [v["median_s"] for v in layer_times])
+    print("latency measured", flush=True)
+    paths = [p for p in costs][:1] + [p for p in costs][-1:]
+    angle_ranks = tuple(r for r in (1, 8, 48, 153, 256, top - 1) if 1 <= r < top)
+    out["nesting"] = {"max_angle_degrees": bench.nesting_angles(model, angle_ranks, paths)}
+    if len(spec_models) >= 2:
+        (r1, m1), (r2, m2) = sorted(spec_models.items())[:2]
+        k1 = dict(nested.layers(m1))[paths[0]].kernel.get_value()
+        k2 = dict(nested.layers(m2))[paths[0]].kernel.get_value()
+        u = nested.core.image_basis(k1.materialize(), r1)
+        v = nested.core.image_basis(k2.materialize(), r2)
+        out["nesting"]["specialists"] = {
+            "ranks": [r1, r2], "path": paths[0],
+            "max_angle_degrees": float(np.degrees(nested.core.principal_angles(u, v).max()))}
+    pretrained = nested.convert(baselines._classifier(_config(args, "full"), 11))
+    energy = {"nested": bench.energies(model), "svd_of_dense_ft": bench.energies(svd_model),
+              "pretrained": bench.energies(pretrained)}
+    out["energy"] = {
+        name: {"inversions": {p: int((np.diff(e) > 0).sum()) for p, e in by_path.items()},
+               "mean_normalised": np.mean([e / e[0] for e in by_path.values()], axis=0).tolist(),
+               "first_layers": {p: by_path[p].tolist() for p in paths}}
+        for name, by_path in energy.items()}
+
+    # 5. the headline: 50% of the dense-MLP FLOPs
+    nsn, svd = _by_rank(out["nested"]["sweep"]), _by_rank(out["svd_truncation"]["sweep"])
+    below = [r for r in sorted(nsn) if r < top and r in svd]
+    accs = [nsn[r]["test_accuracy"] for r in sorted(nsn)]
+    noise = float(np.sqrt(0.25 / len(arrays["test"]["labels"])))
+    out["headline"] = {
+        "rank": half, "mlp_fraction": nested.flop_fractions(model, half)["mlp"],
+        "ranks": headline,
+        "nested_test_accuracy_at_R": nsn[top]["test_accuracy"],
+        "nested_test_accuracy": nsn[half]["test_accuracy"],
+        "loss_points": 100 * (nsn[top]["test_accuracy"] - nsn[half]["test_accuracy"]),
+        "svd_test_accuracy": svd[half]["test_accuracy"],
+        "beats_svd_below_full": {str(r): nsn[r]["test_accuracy"] > svd[r]["test_accuracy"]
+                                 for r in below},
+        "largest_drop_with_rank": max(0.0, *(a - b for a, b in zip(accs, accs[1:]))),
+        "binomial_noise_sd": noise}
+    out["total_seconds"] = time.perf_counter() - start
+    name = args.name or "nested" + ("_quick" if args.quick else "")
+    path = experiment.write_result(name, out, results_dir=args.results_dir)
+    _plots(path, out)
+    table = _table(out, name)
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {path}, {path.with_suffix('.png').name}, {path.stem}_analysis.png, "
+          f"{path.with_suffix('.md').name}")
+    return 0
+
+
+def _plots(path, out):
+    nsn, svd = out["nested"]["sweep"], out["svd_truncation"]["sweep"]
+    frac = {int(r): v["mlp"] for r, v in out["costs"]["by_rank"].items()}
+    frac.update({row["rank"]: out["headline"]["mlp_fraction"] for row in nsn
+                 if row["rank"] == out["headline"]["rank"]})
+
+    def curve(rows):
+        rows = sorted((r for r in rows if r["rank"] in frac), key=lambda r: r["rank"])
+        return [frac[r["rank"]] for r in rows], [r["test_accuracy"] for r in rows]
+
+    panels = {"test accuracy vs MLP FLOPs (fraction of dense MLP)": {
+        "NSN (one model)": curve(nsn), "SVD truncation of dense FT": curve(svd),
+        **{f"specialist r{r} (own sweep)": curve(s["sweep"])
+           for r, s in out["specialists"].items()},
+        "dense FT": ([0.0, 1.25], [out["dense"]["test_accuracy"]] * 2)}}
+    lat = out["latency"]["model"]
+    acc = {row["rank"]: row["test_accuracy"] for row in nsn}
+    svd_acc = {row["rank"]: row["test_accuracy"] for row in svd}
+    timed = sorted((v for v in lat.values() if v["rank"] in acc), key=lambda v: v["rank"])
+    panels["test accuracy vs forward latency (ms)"] = {
+        "NSN": ([1e3 * v["median_s"] for v in timed], [acc[v["rank"]] for v in timed]),
+        "SVD truncation": ([1e3 * v["median_s"] for v in timed],
+                           [svd_acc[v["rank"]] for v in timed]),
+        "dense FT": ([1e3 * lat["dense"]["median_s"]], [out["dense"]["test_accuracy"]])}
+    experiment.plot_curves(path.with_suffix(".png"), panels, xlabel="cost",
+                           title="NSN on MiniLM (pydoc topics): accuracy at every rank")
+    grid = list(map(int, out["nested"]["log_variances"]))
+    energy = out["energy"]
+    experiment.plot_curves(path.with_name(path.stem + "_analysis.png"), {
+        "learned log-variance s_k": {"s_k": (grid, list(out["nested"]["log_variances"].values()))},
+        "component energy |a_i||b_i| / first (mean over layers)": {
+            name: (list(range(1, len(e["mean_normalised"]) + 1)), e["mean_normalised"])
+            for name, e in energy.items()},
+        "forward latency vs matmul GFLOPs": {
+            "model": ([v["flops_matmul"] / 1e9 for v in lat.values()],
+                      [1e3 * v["median_s"] for v in lat.values()])}},
+        xlabel="rank (s_k, energy) / GFLOPs (latency)", logy=("component energy |a_i||b_i| / first "
+                                                              "(mean over layers)",))
+
+
+def _table(out, name):
+    head = out["headline"]
+    nsn, svd = _by_rank(out["nested"]["sweep"]), _by_rank(out["svd_truncation"]["sweep"])
+    lat = {v["rank"]: v for v in out["latency"]["model"].values()}
+    lines = [f"Command: `{out['command']}`",
+             "", "| rank | MLP FLOPs | model FLOPs | NSN test acc | SVD-trunc. test acc | "
+             "latency vs dense |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(nsn):
+        f = out["costs"]["by_rank"].get(str(r))
+        t = lat.get(r)
+        lines.append(f"| {r}{' (50%)' if r == head['rank'] else ''} | "
+                     f"{f['mlp']:.2f} | {f['model']:.2f} | {nsn[r]['test_accuracy']:.3f} | "
+                     f"{svd[r]['test_accuracy']:.3f} | "
+                     f"{'-' if t is None else format(t['ratio_to_dense'], '.2f') + 'x'} |"
+                     if f else f"| {r} | - | - | {nsn[r]['test_accuracy']:.3f} | - | - |")
+    lines += ["", f"Dense fine-tuning: test accuracy {out['dense']['test_accuracy']:.3f}. "
+              f"NSN at 50% of the dense-MLP FLOPs (rank {head['rank']}): "
+              f"{head['nested_test_accuracy']:.3f}, {head['loss_points']:.1f} points below its "
+              f"own full rank ({head['nested_test_accuracy_at_R']:.3f}); SVD truncation there: "
+              f"{head['svd_test_accuracy']:.3f}."]
+    for r, s in out["specialists"].items():
+        own = _by_rank(s["sweep"])[int(r)]
+        lines.append(f"Specialist r{r}: test accuracy {own['test_accuracy']:.3f} "
+                     f"(NSN at r{r}: {nsn[int(r)]['test_accuracy']:.3f})"
+                     if int(r) in nsn else f"Specialist r{r}: {own['test_accuracy']:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
