@@ -116,6 +116,18 @@ def test_lm_quick_reduces_loss_and_checkpoint_restores_exactly(tmp_path):
     assert restored.keys() == trained.keys()
     for path, value in trained.items():
         np.testing.assert_array_equal(restored[path], value, err_msg=path)
+    # LittleBit-2 on this decoder (experiments/littlebit_lm.py), smoke size: the packed model
+    # evaluates to the trained one's perplexity, and QAT moves the compressed decoder.
+    out = tmp_path / "out"
+    assert _script("littlebit_lm").main([
+        "--quick", "--checkpoint-dir", str(tmp_path / "lm"), "--bpw", "1.0", "--steps", "4",
+        "--eval-batches", "1", "--itq-iters", "2", "--no-progress",
+        "--results-dir", str(out)]) == 0
+    point = json.loads((out / "littlebit_lm_quick.json").read_text())["points"]["1.0"]
+    assert point["perplexity_deployed"] == pytest.approx(point["perplexity_after"], rel=1e-4)
+    assert point["perplexity_after"] != point["perplexity_before"]
+    assert set(point["errors"]) == {"dual_svid", "joint_itq", "fp16_low_rank", "sign_rows"}
+    assert (out / "littlebit_lm_quick.png").stat().st_size > 0
 
 
 def test_every_registered_demo_entry_has_live_and_recorded_rows():
