@@ -182,7 +182,9 @@ def plot(result: dict, path: pathlib.Path) -> pathlib.Path:
            "unigram": (xs, flat(result["unigram_perplexity"]))}
     labels = dict(dual_svid="Dual-SVID", joint_itq="Dual-SVID + Joint-ITQ",
                   fp16_low_rank="FP16 low rank, same bits", sign_rows="sign + row scale")
-    err = {labels[m]: (xs, [p["errors"][m] for p in pts]) for m in labels}
+    err = {labels[m]: (xs, [p["errors"][m] for p in pts]) for m in labels if m != "sign_rows"}
+    sign_bpw = float(np.mean([r["sign_rows_bpw"] for r in pts[0]["layers"]]))
+    err[f"{labels['sign_rows']} ({sign_bpw:.2f} bpw)"] = ([sign_bpw], [pts[0]["errors"]["sign_rows"]])
     return experiment.plot_curves(
         path, {"validation perplexity": ppl, "mean relative kernel error": err},
         xlabel="bits per weight (achieved, linear layers)", logy=("validation perplexity",),
