@@ -174,10 +174,15 @@ def littlebit_checks(block: Block) -> dict:
             "littlebit_bits": float(littlebit.accounting(packed).linear_bits)}
 
 
-def run() -> dict:
+SECTIONS = {"core": core_checks, "wasi+lorapre": wasi_lorapre_checks,
+            "nested": nested_checks, "littlebit": littlebit_checks}
+
+
+def run(only=None) -> dict:
     checks = {}
-    for name, fn in (("core", core_checks), ("wasi+lorapre", wasi_lorapre_checks),
-                     ("nested", nested_checks), ("littlebit", littlebit_checks)):
+    for name, fn in SECTIONS.items():
+        if only and name not in only:
+            continue
         args = () if name == "core" else (build(lambda: Block(nnx.Rngs(0))),)
         checks.update({k: jax.device_get(v) for k, v in fn(*args).items()})
         _log(name)
@@ -212,6 +217,7 @@ def compare(native: dict, arm: dict, *, rtol: float = RTOL, atol: float = ATOL) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these checks")
     p.add_argument("--compare", nargs=2, metavar=("NATIVE", "ARM"),
                    help="compare two output files (last JSON line of each) instead of running")
     args = p.parse_args(argv)
@@ -225,7 +231,7 @@ def main(argv=None) -> int:
         print(f"{len(lines) - failed} of {len(lines)} checks agree; native {native['seconds']:.0f} s, "
               f"aarch64 {arm['seconds']:.0f} s")
         return 1 if failed or arm["machine"] != "aarch64" else 0
-    print(json.dumps(run()))
+    print(json.dumps(run(args.only)))
     return 0
 
 
