@@ -158,7 +158,7 @@ def run(names: Sequence[str] | None = None, *, size: str = "tiny",
                 raise RuntimeError(f"experiments/{stem}.py exited with status {status}")
             path = directory / f"{stem}.json"
             rows = _check_rows(name, module.bench_rows(json.loads(path.read_text())))
-        except Exception as e:  # noqa: BLE001  (reported; the other methods still run)
+        except (Exception, SystemExit) as e:  # noqa: BLE001  (reported; the others still run)
             report["errors"][name] = f"{type(e).__name__}: {e}"
             print(f"== bench {name}: FAILED: {report['errors'][name]}", file=sys.stderr, flush=True)
             continue

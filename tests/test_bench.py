@@ -82,6 +82,10 @@ def test_a_script_without_the_protocol_is_reported_and_the_others_still_run(
     assert status == 1 and report["rows"] == []
     assert "no SIZES, bench_rows" in report["errors"]["plain"]
     assert "FAILED plain" in out and bench.table(report) in out
+    monkeypatch.setitem(bench.BENCHES, "plain", "littlebit_compress")
+    monkeypatch.setitem(experiment.load_script("littlebit_compress").SIZES, "tiny", ["--bad"])
+    report = bench.run(["plain"], size="tiny", out=tmp_path)  # argparse exits: reported too
+    assert report["errors"]["plain"].startswith("SystemExit: 2")
 
 
 def test_rows_with_wrong_keys_or_types_are_rejected():
