@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # Correctness on aarch64 (Raspberry Pi class) under qemu user-mode emulation; needs root.
 aarch64-smoke: $(STAMP)
-	bash scripts/aarch64_smoke.sh
+	PYTHON=$(PY) bash scripts/aarch64_smoke.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

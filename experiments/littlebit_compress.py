@@ -137,7 +137,8 @@ def _timed(fns: dict, input_bytes: int, repeats: int, **info) -> dict:
     rows = {}
     for name in fns:
         mem = measure.compiled_memory(compiled[name])
-        rows[name] = dict(median_ms=1e3 * cmp.median(name), min_ms=1e3 * cmp.timings[name].min,
+        fn, args = fns[name]
+        rows[name] = dict(flops=vars(measure.flops(fn, *args)),median_ms=1e3 * cmp.median(name), min_ms=1e3 * cmp.timings[name].min,
                           speedup_vs_dense=cmp.ratio("dense f32", name),
                           speedup_of_min_times=cmp.timings["dense f32"].min / cmp.timings[name].min,
                           weight_bytes=mem.argument - input_bytes, temp_bytes=mem.temp,
@@ -225,9 +226,55 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--bpw", type=float, nargs="+", default=list(BPWS))
     p.add_argument("--itq-iters", type=int, default=50)
     p.add_argument("--repeats", type=int, help="timed rounds of each comparison")
+    p.add_argument("--no-progress", action="store_true", help="accepted (nothing to show)")
     p.add_argument("--results-dir", type=pathlib.Path, default=RESULTS)
     p.add_argument("--name", help="result file stem")
     return p.parse_args(argv)
+
+
+#: ``subspace-jax bench --size``: this script's arguments (``full``: the recorded run).
+SIZES = {"tiny": ["--quick", "--bpw", "0.55", "--itq-iters", "5", "--repeats", "2"],
+         "small": ["--quick"],
+         "full": []}
+
+
+def bench_rows(result: dict) -> list[dict]:
+    """``subspace-jax bench`` rows: the packed path at each target against dense float32 (the
+    first MLP kernel alone, then the whole MiniLM encoder), timed side by side in one run.
+
+    Examples:
+        >>> res = lambda b, t, f: dict(weight_bytes=b, median_ms=t, flops=dict(matmul=f))
+        >>> part = {"shape": [384, 1536], "results": {"dense f32": res(400, 2.0, 100),
+        ...                                         "0.3 bpw": res(40, 1.0, 10)}}
+        >>> rows = bench_rows({"bpws": [0.3], "summary": {"0.3": dict(joint_itq=0.6)},
+        ...                    "speed": {"layer_up": part, "encoder": dict(
+        ...                        part, hidden_rel_error={"0.3 bpw": 0.2})}})
+        >>> rows[0]["memory_ratio"], rows[0]["flops_ratio"], rows[0]["time_ratio"]
+        (0.1, 0.1, 0.5)
+        >>> rows[0]["quality"], rows[1]["quality"]
+        ('mean kernel err 0.600', 'hidden err 0.200 (no QAT)')
+    """
+    rows = []
+    for bpw in result["bpws"]:
+        for part, what in (("layer_up", "kernel"), ("encoder", "encoder forward")):
+            speed = result["speed"][part]
+            r, dense = speed["results"][f"{bpw} bpw"], speed["results"]["dense f32"]
+            flops = r.get("flops", {}).get("matmul"), dense.get("flops", {}).get("matmul")
+            quality = (f"mean kernel err {result['summary'][str(bpw)]['joint_itq']:.3f}"
+                       if part == "layer_up" else
+                       f"hidden err {speed['hidden_rel_error'][f'{bpw} bpw']:.3f} (no QAT)")
+            rows.append(dict(
+                method="littlebit", baseline="dense float32", quality=quality,
+                run=f"LittleBit-2 {bpw} bpw, packed: "
+                    + ("MLP up " + "x".join(map(str, speed["shape"])) if part == "layer_up"
+                       else "MiniLM encoder"),
+                memory_ratio=r["weight_bytes"] / dense["weight_bytes"],
+                flops_ratio=None if None in flops else flops[0] / flops[1],
+                time_ratio=r["median_ms"] / dense["median_ms"],
+                what=f"{what}: weight bytes in compiled memory"
+                     + (" (embeddings incl.)" if part == "encoder" else "")
+                     + ", matmul FLOPs, time"))
+    return rows
 
 
 def main(argv=None) -> int:

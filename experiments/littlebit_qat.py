@@ -185,6 +185,36 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: ``subspace-jax bench --size``: this script's arguments (``full``: the recorded run).
+SIZES = {"tiny": ["--quick", "--bpw", "0.55", "--steps", "4", "--batch-size", "8",
+                  "--eval-limit", "64", "--itq-iters", "5"],
+         "small": ["--quick"],
+         "full": []}
+
+
+def bench_rows(result: dict) -> list[dict]:
+    """``subspace-jax bench`` rows: the distilled student at each target against its teacher.
+
+    Examples:
+        >>> point = dict(linear_bpw=0.5, before=dict(cosine=0.7), after=dict(cosine=0.9),
+        ...              deployed=dict(cosine=0.9, top1_agreement=0.8))
+        >>> row = bench_rows({"bpws": [0.55], "steps": 20, "points": {"0.55": point}})[0]
+        >>> row["memory_ratio"], row["quality"]
+        (0.015625, 'cos 0.700 -> 0.900 (20 QAT steps), top-1 0.800')
+    """
+    rows = []
+    for bpw in result["bpws"]:
+        p = result["points"][str(bpw)]
+        rows.append(dict(
+            method="littlebit-qat", run=f"LittleBit-2 {bpw} bpw + QAT, packed",
+            baseline="MiniLM float32 (teacher)",
+            quality=f"cos {p['before']['cosine']:.3f} -> {p['deployed']['cosine']:.3f} "
+                    f"({result['steps']} QAT steps), top-1 {p['deployed']['top1_agreement']:.3f}",
+            memory_ratio=p["linear_bpw"] / 32, flops_ratio=None, time_ratio=None,
+            what="Linear kernels' storage (exact bits); sentence-embedding cosine to teacher"))
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     name = args.name or "littlebit_qat" + ("_quick" if args.quick else "")

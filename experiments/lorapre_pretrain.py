@@ -166,6 +166,8 @@ def measure_optimizers(s: Settings, txs: dict[str, optax.GradientTransformation]
                      "update_memory": dataclasses.asdict(memory)}
         steps[name] = (train.make_train_step(graphdef, loss, tx, donate=False),
                        (params, state, rest, batch, key))
+        step_fn, step_args = steps[name]
+        out[name]["step_flops"] = dataclasses.asdict(measure.flops(step_fn, *step_args))
         updates[name] = (update, (grads, state, params))
     for label, fns in (("step", steps), ("update", updates)):
         comparison = measure.compare(fns, warmup=2, repeats=s.timing_repeats)
@@ -255,9 +257,65 @@ def parse(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--only", help="comma-separated optimizer names")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (the default)")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--name", help="result file stem")
     return p.parse_args(argv)
+
+
+#: ``subspace-jax bench --size``: this script's arguments (``full``: the recorded run).
+SIZES = {
+    "tiny": ["--quick", "--steps", "16", "--eval-batches", "2", "--timing-repeats", "2"],
+    "small": ["--quick", "--steps", "200", "--timing-repeats", "4",
+              "--only", "adamw,lorapre_r8,galore_r8,muon,lorapre_muon_r16"],
+    "full": ["--steps", "300", "--batch-size", "8", "--warmup-fraction", "0.1",
+             "--eval-batches", "10", "--evals", "5", "--timing-repeats", "4", "--only",
+             "adamw,lorapre_r8,galore_r8,lorapre_r32,muon,lorapre_muon_r16,lorapre_r4,"
+             "lorapre_r16,adafactor"],
+}
+
+
+def bench_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """``subspace-jax bench`` rows: each low-rank optimizer against its full-state baseline
+    (AdamW; Muon for LoRA-Pre-Muon), all measured in the same run.
+
+    Examples:
+        >>> r = lambda b, t, p: {"optimizer_state_bytes": b, "step_seconds": t,
+        ...                      "val_perplexity": p, "step_flops": {"xla": 10.0}}
+        >>> rows = bench_rows({"optimizers": {"adamw": r(100, 2.0, 30.0),
+        ...                                   "lorapre_r8": r(25, 3.0, 31.0)}})
+        >>> rows[0]["run"], rows[0]["memory_ratio"], rows[0]["time_ratio"], rows[0]["quality"]
+        ('LoRA-Pre rank 8', 0.25, 1.5, 'val ppl 31.00 vs 30.00')
+    """
+    opts = result["optimizers"]
+    labels = {"adamw": "AdamW", "muon": "Muon", "adafactor": "Adafactor"}
+
+    def label(name: str) -> str:
+        kind, _, rank = name.rpartition("_r")
+        kind = {"lorapre": "LoRA-Pre", "lorapre_muon": "LoRA-Pre-Muon", "galore": "GaLore"}.get(
+            kind)
+        return f"{kind} rank {rank}" if kind and rank.isdigit() else labels.get(name, name)
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return None if a is None or not b else a / b
+
+    rows = []
+    for name, r in opts.items():
+        base = "muon" if name.startswith("lorapre_muon") else "adamw"
+        if name in ("adamw", "muon") or base not in opts:
+            continue
+        b = opts[base]
+        rows.append(dict(
+            method="lorapre",
+            run=label(name), baseline=labels[base],
+            quality=f"val ppl {r['val_perplexity']:.2f} vs {b['val_perplexity']:.2f}",
+            memory_ratio=ratio(r["optimizer_state_bytes"], b["optimizer_state_bytes"]),
+            flops_ratio=ratio(r.get("step_flops", {}).get("xla"),
+                              b.get("step_flops", {}).get("xla")),
+            time_ratio=ratio(r["step_seconds"], b["step_seconds"]),
+            what="optimizer state bytes; train step FLOPs (XLA) and time"))
+    return rows
 
 
 def main(argv=None) -> int:

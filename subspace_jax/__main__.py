@@ -4,8 +4,11 @@ Subcommands:
 
 * ``demo``: the main job on built-in defaults (baselines on real pretrained MiniLM
   and real text; each method adds its rows as it lands).
-* ``bench NAME [ARGS...]``: a method's benchmark, i.e. ``experiments/<script>.py`` of a
-  source checkout with ARGS (``bench`` alone lists them; ``bench NAME --help``).
+* ``bench [NAME ...] --size tiny|small|full [--out DIR]``: the standard benchmark of
+  every method (or of the named ones): one table of memory/FLOP/time ratios against each
+  method's baseline and one JSON (:mod:`subspace_jax.bench`). ``bench NAME [ARGS...]``
+  runs a method's script (``experiments/<script>.py`` of a source checkout) with its own
+  ARGS (``bench`` alone lists them; ``bench NAME --help``).
 * ``info``: versions, devices, and what the library offers.
 * ``select``: print which parameters of a reference model a set of path rules
   selects (built abstractly: no weights are loaded or allocated).
@@ -20,9 +23,6 @@ import sys
 __all__ = ["main"]
 
 _MODELS = ("minilm", "vit-digits", "llama-1m", "llama-5m", "llama-20m", "llama-100m")
-#: ``bench`` names -> the experiment script (``experiments/<stem>.py``) that measures them.
-BENCHES: dict[str, str] = {"lorapre": "lorapre_pretrain", "littlebit": "littlebit_compress",
-                           "littlebit-qat": "littlebit_qat", "wasi": "wasi_finetune"}
 
 
 def _abstract_model(name: str):
@@ -86,21 +86,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.name is None:
-        for name, stem in BENCHES.items():
-            print(f"{name:<12} experiments/{stem}.py")
-        return 0
-    if args.name not in BENCHES:
-        print(f"error: no benchmark {args.name!r}; choose from {sorted(BENCHES)}", file=sys.stderr)
-        return 2
-    from subspace_jax import experiment
+    from subspace_jax import bench
 
     try:
-        module = experiment.load_script(BENCHES[args.name], owner=f"bench {args.name!r}")
+        return bench.main(args.extra)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return module.main(args.extra) or 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="run the main job on built-in defaults (demo --help: its options)")
     demo.set_defaults(run=_demo)
     bench = sub.add_parser("bench", add_help=False,
-                           help="run a method's benchmark (bench alone lists them)")
-    bench.add_argument("name", nargs="?")
+                           help="benchmark every method: bench [NAME ...] --size tiny|small|full "
+                                "(bench --help)")
     bench.set_defaults(run=_bench)
     info = sub.add_parser("info", help="versions, devices and what the library offers")
     info.set_defaults(run=_info)
