@@ -45,7 +45,8 @@ RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 BPWS = (1.0, 0.55, 0.3, 0.1)
 KERNELS = r"blocks/\d+/(attn|mlp)/\w+/kernel"
 #: ``subspace-jax bench littlebit-lm`` sizes (the script's own flags).
-SIZES = {"tiny": ["--quick", "--bpw", "0.55", "--steps", "5", "--eval-batches", "2"],
+SIZES = {"tiny": ["--quick", "--bpw", "0.55", "--steps", "5", "--eval-batches", "2",
+                  "--itq-iters", "5"],
          "small": ["--quick"], "full": []}
 
 _compress_script = experiment.load_script("littlebit_compress", owner="littlebit_lm")
