@@ -191,7 +191,12 @@ def test_nsn_then_littlebit_is_littlebit_of_the_truncated_factors(nsn_littlebit)
     assert _max_diff(c["compressed"], direct) == 0.0
     kernels = [leaf.get_value() for _, leaf in rules.leaf_paths(c["compressed"])[0]
                if isinstance(leaf.get_value(), littlebit.BinaryLowRank)]
-    assert len(kernels) == 3 and all(bool(jnp.isfinite(k.materialize()).all()) for k in kernels)
+    assert len(kernels) == 3 and all(k.rank <= r for k in kernels)
+    # a LittleBit rank above the NSN rank meets zero singular values: still finite
+    wide = littlebit.compress(sj.materialize(c["chosen"]), MLP, bpw=4.0, itq_iters=5)
+    wide = [leaf.get_value() for _, leaf in rules.leaf_paths(wide)[0]
+            if isinstance(leaf.get_value(), littlebit.BinaryLowRank)]
+    assert all(k.rank > r and bool(jnp.isfinite(k.materialize()).all()) for k in wide)
 
 
 def test_nsn_littlebit_evaluates_in_one_compile_and_reloads_packed(nsn_littlebit, tmp_path):
