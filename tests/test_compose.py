@@ -6,12 +6,11 @@
 * every composed model (and optimizer state) saved and reloaded with ``checkpoint``.
 
 Each pair runs under one ``jax.jit`` without recompiling (traces and compiled executables are
-counted) and gives
-what the methods give alone where the maths says it must: LoRA-Pre's first step is Adam's
-(its factors start at zero) and, at a rank no smaller than any matrix side, ``lorapre``
-routes every leaf to AdamW, so the composed runs equal the Adam runs; NSN's truncated
-tree is the NSN model at that rank, and compressing it is LittleBit applied to the
-explicitly truncated dense factors. The pairs that cannot compose directly fail at
+counted) and gives what the methods give alone where the maths says it must: LoRA-Pre's
+first step is Adam's (its factors start at zero) and, at a rank no smaller than any matrix
+side, ``lorapre`` routes every leaf to AdamW, so the composed runs equal the Adam runs;
+NSN's truncated tree is the NSN model at that rank, and compressing it is LittleBit applied
+to the explicitly truncated dense factors. The pairs that cannot compose directly fail at
 transform time with the reason.
 """
 
