@@ -71,7 +71,10 @@ def restore(directory: str | pathlib.Path, target: Any) -> Any:
             shardings are those of the restored arrays.
 
     Returns:
-        The restored tree, of the same kind as ``target``.
+        The restored tree, of the same kind as ``target``. Its arrays are committed to
+        their devices; a jitted step compiled for uncommitted arrays (fresh from
+        ``jnp``/init) compiles once more on them, without retracing. Pass
+        ``jax.device_put`` state to the first step to share one executable.
 
     Raises:
         FileNotFoundError: no checkpoint at ``directory``.
