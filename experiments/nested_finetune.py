@@ -46,7 +46,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--num-layers", type=int, help="keep only the first encoder layers")
     p.add_argument("--max-length", type=int)
-    p.add_argument("--grid", help="training ranks, comma-separated (default: rank_grid(R))")
+    p.add_argument("--grid", help="training ranks, comma-separated (default: "
+                   "rank_grid(R, steps=--grid-steps))")
+    p.add_argument("--grid-steps", type=int, default=16,
+                   help="evenly spaced training ranks of the default grid (plus halvings)")
     p.add_argument("--ranks", help="evaluation ranks, comma-separated")
     p.add_argument("--specialists", default="48,153,256", help="fixed-rank specialists")
     p.add_argument("--curriculum", type=float, default=0.3, help="share of steps to widen")
@@ -115,10 +118,14 @@ def _fit(xs, ys):
 
 
 def _sweep(graph, arrays, ranks, val_ranks):
-    """Test accuracy at every rank, validation accuracy too at ``val_ranks``."""
-    rows = bench.sweep(*graph, {"test": arrays["test"]}, ranks)
+    """Test accuracy at every rank, validation accuracy too at ``val_ranks``.
+
+    Traced ranks (one compilation for every rank; the numbers equal the static widths',
+    which ``tests/test_nested.py`` checks); latency is measured at static widths.
+    """
+    rows = bench.sweep(*graph, {"test": arrays["test"]}, ranks, static=False)
     val = _by_rank(bench.sweep(*graph, {"val": arrays["val"]},
-                               [r for r in ranks if r in val_ranks]))
+                               [r for r in ranks if r in val_ranks], static=False))
     for row in rows:
         row.update(val.get(row["rank"], {}))
     return rows
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
     print("SVD truncation swept", flush=True)
 
     # 2. one NSN model over the rank grid
-    grid = _ints(args.grid, nested.core.rank_grid(top))
+    grid = _ints(args.grid, nested.core.rank_grid(top, steps=args.grid_steps))
     method = bench.nested_method(steps, grid=grid, curriculum=args.curriculum,
                                  log_var_lr=args.log_var_lr)
     _, run = _train(args, method, "nested", progress)
@@ -178,7 +185,10 @@ def main(argv=None) -> int:
     for row in out["nested"]["sweep"]:
         row["trained"] = row["rank"] in grid
         row["sampled"] = row["rank"] in out["nested"]["sampled_ranks"] or row["rank"] == top
-    print("NSN swept", flush=True)
+    svd_acc = _by_rank(out["svd_truncation"]["sweep"])
+    print("NSN swept: rank, NSN / SVD-truncation test accuracy:", ", ".join(
+        f"{row['rank']}: {row['test_accuracy']:.3f} / {svd_acc[row['rank']]['test_accuracy']:.3f}"
+        for row in out["nested"]["sweep"]), flush=True)
 
     # 3. specialists at fixed ranks
     out["specialists"] = {}
