@@ -2,6 +2,7 @@
 
     python experiments/nested_finetune.py                 # the recorded run (results/nested.json)
     python experiments/nested_finetune.py --quick         # minutes: subsets, few steps
+    subspace-jax bench nested [--size tiny|small|full]    # SIZES below, rows by bench_rows
 
 Trains, with the same steps, batch and seed: full fine-tuning (dense), one NSN model (MLP
 Linears converted at R = 384, anchor + one sampled rank per step, learned log-variances,
@@ -17,6 +18,7 @@ table with this command).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,12 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from subspace_jax import baselines, experiment, measure, nested, train
+from subspace_jax import baselines, data, experiment, measure, nested, train
 from subspace_jax.nested import bench
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 EVAL_RANKS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 240, 256, 307, 384)
 LATENCY_RANKS = (8, 32, 64, 96, 153, 192, 256, 307, 384)
+
+#: ``subspace-jax bench nested`` sizes: the script's argv ("full" is the recorded run).
+SIZES: dict[str, list[str]] = {
+    # one encoder layer, 3 steps of 4 texts, one specialist: a smoke run (~30 s)
+    "tiny": ["--num-layers", "1", "--steps", "3", "--batch-size", "4", "--max-length", "16",
+             "--train-limit", "32", "--eval-limit", "8", "--ranks", "1", "--specialists", "4",
+             "--latency-ranks", "384", "--latency-repeats", "1", "--latency-rows", "4"],
+    # the quick budget (40 steps of 16, 256 val/test texts), one specialist: minutes
+    "small": ["--quick", "--specialists", "153", "--ranks", "8,48,96,153,256,384",
+              "--latency-repeats", "3"],
+    "full": [],
+}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -57,6 +71,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-ranks", help="ranks timed (default: a subset of --ranks)")
     p.add_argument("--latency-repeats", type=int, default=10)
     p.add_argument("--latency-rows", type=int, default=32, help="texts per timed forward")
+    p.add_argument("--reuse", type=Path, help="a result of this script whose dense run, SVD "
+                   "truncation and specialists to reuse (same settings): train only NSN")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--name", help="result file stem")
@@ -131,6 +147,23 @@ def _sweep(graph, arrays, ranks, val_ranks):
     return rows
 
 
+def _reuse(args, reused, eval_ranks):
+    """The dense, SVD-truncation and specialist sections of ``reused``, checked and labelled."""
+    svd_ranks = {row["rank"] for row in reused["svd_truncation"]["sweep"]}
+    problems = [f"lr {reused['dense']['lr']} != {args.lr}"] if reused["dense"]["lr"] != args.lr else []
+    problems += [f"rank {r} not in its SVD sweep" for r in eval_ranks if r not in svd_ranks]
+    if problems:
+        raise ValueError(f"--reuse {args.reuse}: not the same settings: {problems}")
+    env = reused.get("environment", {})
+    return {"dense": reused["dense"], "svd_truncation": reused["svd_truncation"],
+            "specialists": reused["specialists"],
+            "reused": {"from": str(args.reuse), "command": reused["command"],
+                       "git_commit": env.get("git_commit"),
+                       "sections": ["dense", "svd_truncation", "specialists",
+                                    "nesting.specialists", "energy.svd_of_dense_ft"],
+                       "latency_baseline": "the pretrained dense model (same shapes)"}}
+
+
 def _by_rank(rows):
     return {row["rank"]: row for row in rows}
 
@@ -147,30 +180,39 @@ def main(argv=None) -> int:
                  "command": " ".join(["python experiments/nested_finetune.py", *argv])}
 
     # 1. dense fine-tuning, then plain SVD truncation of the fine-tuned model (no NSN training)
-    cfg, dense = _train(args, None, "full", progress)
+    reused = json.loads(args.reuse.read_text()) if args.reuse else None
+    if reused is None:
+        cfg, dense = _train(args, None, "full", progress)
+        steps = dense.result["steps"]
+        dense_model = nnx.merge(dense.graphdef, dense.params, dense.rest)
+    else:  # the pretrained model: its shapes set the ranks, its forward the latency baseline
+        cfg, steps = _config(args, "full"), reused["dense"]["steps"]
+        dense_model = baselines._classifier(cfg, data.load_pydoc_topics().num_classes)
     arrays = bench.eval_arrays(cfg)
-    steps = dense.result["steps"]
-    dense_model = nnx.merge(dense.graphdef, dense.params, dense.rest)
     svd_model = nested.convert(dense_model)
     top = max(m.kernel.get_value().max_rank for _, m in nested.layers(svd_model))
     half = nested.rank_for_budget(svd_model, 0.5, "mlp")  # 50% of the dense-MLP FLOPs
     headline = [top, half, max(1, top // 8)]
     eval_ranks = tuple(sorted({r for r in eval_ranks if r <= top} | set(headline)))
     batch = {k: jnp.asarray(v[:args.latency_rows]) for k, v in arrays["test"].items()}
-    logits = {n: baselines._logits(m, batch)
-              for n, m in (("dense", dense_model), ("svd", svd_model))}
-    svd_graph = train.split_model(svd_model)
-    out["dense"] = _summary(dense)
-    out["svd_truncation"] = {
-        "max_abs_logit_difference_at_R": float(jnp.abs(logits["dense"] - logits["svd"]).max()),
-        "sweep": _sweep(svd_graph, arrays, eval_ranks, headline)}
-    print("SVD truncation swept", flush=True)
+    if reused is None:
+        logits = {n: baselines._logits(m, batch)
+                  for n, m in (("dense", dense_model), ("svd", svd_model))}
+        out["dense"] = _summary(dense)
+        out["svd_truncation"] = {
+            "max_abs_logit_difference_at_R": float(jnp.abs(logits["dense"] - logits["svd"]).max()),
+            "sweep": _sweep(train.split_model(svd_model), arrays, eval_ranks, headline)}
+        print("SVD truncation swept", flush=True)
+    else:
+        out.update(_reuse(args, reused, eval_ranks))
 
     # 2. one NSN model over the rank grid
     grid = _ints(args.grid, nested.core.rank_grid(top, steps=args.grid_steps))
     method = bench.nested_method(steps, grid=grid, curriculum=args.curriculum,
                                  log_var_lr=args.log_var_lr)
     _, run = _train(args, method, "nested", progress)
+    if run.result["steps"] != steps:
+        raise ValueError(f"NSN ran {run.result['steps']} steps, the dense run {steps}")
     model = nnx.merge(run.graphdef, run.params, run.rest)
     sampled = run.result["history"]["metrics"]["variant_rank"]
     ranks_seen, counts = np.unique(np.asarray(sampled, int), return_counts=True)
@@ -191,9 +233,9 @@ def main(argv=None) -> int:
         for row in out["nested"]["sweep"]), flush=True)
 
     # 3. specialists at fixed ranks
-    out["specialists"] = {}
+    out.setdefault("specialists", {})
     spec_models = {}
-    for r in specialists:
+    for r in () if reused else specialists:
         if r > top:
             continue
         _, srun = _train(args, bench.specialist_method(r), f"specialist_r{r}",
@@ -215,9 +257,8 @@ def main(argv=None) -> int:
                             for d in nested.DENOMINATORS for f in (0.25, 0.5, 0.75, 1.0)
                             if f >= nested.flop_fractions(model, 1)[d]}}
     lat_ranks = tuple(r for r in _ints(args.latency_ranks, LATENCY_RANKS) if r <= top) or (top,)
-    dense_shell = nnx.merge(dense.graphdef, dense.params, dense.rest)
     out["latency"] = {"rows": args.latency_rows, "tokens": int(batch["input_ids"].size),
-                      "model": bench.latency(model, dense_shell, lat_ranks, batch,
+                      "model": bench.latency(model, dense_model, lat_ranks, batch,
                                              repeats=args.latency_repeats)}
     costs = {c.path: c for c in nested.layer_costs(model)}
     first = next(iter(costs.values()))
@@ -234,6 +275,8 @@ def main(argv=None) -> int:
     paths = [p for p in costs][:1] + [p for p in costs][-1:]
     angle_ranks = tuple(r for r in (1, 8, 48, 153, 256, top - 1) if 1 <= r < top)
     out["nesting"] = {"max_angle_degrees": bench.nesting_angles(model, angle_ranks, paths)}
+    if reused and "specialists" in reused["nesting"]:
+        out["nesting"]["specialists"] = reused["nesting"]["specialists"]
     if len(spec_models) >= 2:
         (r1, m1), (r2, m2) = sorted(spec_models.items())[:2]
         k1 = dict(nested.layers(m1))[paths[0]].kernel.get_value()
@@ -246,11 +289,17 @@ def main(argv=None) -> int:
     pretrained = nested.convert(baselines._classifier(_config(args, "full"), 11))
     energy = {"nested": bench.energies(model), "svd_of_dense_ft": bench.energies(svd_model),
               "pretrained": bench.energies(pretrained)}
+    if reused:  # svd_model is the pretrained model here
+        del energy["svd_of_dense_ft"]
     out["energy"] = {
         name: {"inversions": {p: int((np.diff(e) > 0).sum()) for p, e in by_path.items()},
                "mean_normalised": np.mean([e / e[0] for e in by_path.values()], axis=0).tolist(),
                "first_layers": {p: by_path[p].tolist() for p in paths}}
         for name, by_path in energy.items()}
+    if reused:
+        out["energy"] = {"nested": out["energy"]["nested"],
+                         "svd_of_dense_ft": reused["energy"]["svd_of_dense_ft"],
+                         "pretrained": out["energy"]["pretrained"]}
 
     # 5. the headline: 50% of the dense-MLP FLOPs
     nsn, svd = _by_rank(out["nested"]["sweep"]), _by_rank(out["svd_truncation"]["sweep"])
@@ -346,6 +395,54 @@ def _table(out, name):
                      f"(NSN at r{r}: {nsn[int(r)]['test_accuracy']:.3f})"
                      if int(r) in nsn else f"Specialist r{r}: {own['test_accuracy']:.3f}")
     return "\n".join(lines)
+
+
+def bench_rows(result: dict) -> list[dict]:
+    """Rows of ``subspace-jax bench nested`` from a result of this script.
+
+    Inference rows (NSN at 50% of the dense-MLP FLOPs, at its maximum rank and at
+    ``R / 8``) compare the forward pass with the dense fine-tuned model: matmul FLOPs and
+    latency, both measured in one run (round robin). The training row compares the NSN
+    step (anchor + one sampled rank) with full fine-tuning: compiled memory and matmul
+    FLOPs (the two runs' step times were not measured side by side, so no time ratio).
+    """
+    dense, head = result["dense"], result["headline"]
+    nsn = _by_rank(result["nested"]["sweep"])
+    svd = _by_rank(result["svd_truncation"]["sweep"])
+    lat = result["latency"]["model"]
+    top = head["ranks"][0]
+    labels = {head["rank"]: f"NSN r{head['rank']} (50% dense-MLP FLOPs)",
+              top: f"NSN r{top} (max rank)", head["ranks"][2]: f"NSN r{head['ranks'][2]}"}
+    rows = []
+    for r, run in labels.items():
+        timed = lat.get(f"r{r}", {})
+        rows.append({
+            "method": "nested", "run": run, "baseline": "dense fine-tuning (same steps)",
+            "quality": f"test acc {nsn[r]['test_accuracy']:.3f} vs {dense['test_accuracy']:.3f} "
+                       f"(SVD trunc. r{r} {svd[r]['test_accuracy']:.3f})",
+            "memory_ratio": None, "flops_ratio": timed.get("flops_ratio_to_dense"),
+            "time_ratio": timed.get("ratio_to_dense"),
+            "what": "inference forward matmul FLOPs; forward latency"})
+    spent, base = result["nested"], dense
+    rows.append({
+        "method": "nested", "run": "NSN training step (anchor + 1 sampled rank)",
+        "baseline": "full fine-tuning",
+        "quality": f"test acc at max rank {nsn[top]['test_accuracy']:.3f} vs "
+                   f"{dense['test_accuracy']:.3f}",
+        "memory_ratio": spent["compiled_memory"]["total"] / base["compiled_memory"]["total"],
+        "flops_ratio": spent["flops_matmul"] / base["flops_matmul"], "time_ratio": None,
+        "what": "train step compiled memory; train step matmul FLOPs"})
+    return rows
+
+
+def demo_rows(budget, progress: bool) -> list[dict]:
+    """The demo's live NSN rows at the shared budget (see
+    :func:`subspace_jax.nested.bench.demo_rows`)."""
+    return bench.demo_rows(budget, progress)
+
+
+#: Demo rows of the recorded result: NSN at full, 50%-MLP and low rank, SVD at 50%.
+RECORDED = {"nested.json": bench.recorded_rows}
 
 
 if __name__ == "__main__":

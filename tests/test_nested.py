@@ -50,11 +50,14 @@ def nested_bits(dtype):
     return {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): 16}[jnp.dtype(dtype)] * 5 * 28
 
 
-_CONTRACT = [contract.test_matmul_equals_x_times_materialize,
-             contract.test_shape_dtype_bits_and_flops_equal_the_traced_matmul,
-             contract.test_frozen_fields_never_train, contract.test_jit_does_not_recompile,
-             contract.test_eval_shape, contract.test_tree_map_grad_and_optax_update,
-             contract.test_checkpoint_round_trip_exact, contract.test_sharded_matmul]
+# every test of the shared contract suite, found by name, so a new contract test applies to
+# Nested too (Nested joins through ``contract.FORMS``, patched in for the duration)
+_CONTRACT = [getattr(contract, name) for name in sorted(vars(contract))
+             if name.startswith("test_") and callable(getattr(contract, name))]
+
+
+def test_the_contract_suite_is_found():
+    assert len(_CONTRACT) >= 8 and contract.test_sharded_matmul in _CONTRACT
 
 
 @pytest.mark.parametrize("check", _CONTRACT, ids=lambda f: f.__name__)
@@ -64,7 +67,7 @@ def test_nested_joins_the_form_contract(check, monkeypatch, tmp_path):
     names = check.__code__.co_varnames[:check.__code__.co_argcount]
     kwargs.update({k: v for k, v in {"form_name": "nested", "tmp_path": tmp_path}.items()
                    if k in names})
-    for dtype in (["float32", "bfloat16"] if "dtype" in names else [None]):
+    for dtype in (sorted(contract.DTYPES) if "dtype" in names else [None]):
         check(**kwargs, **({"dtype": dtype} if dtype else {}))
 
 
@@ -278,7 +281,8 @@ def test_rank_for_budget_is_monotone_largest_feasible_and_handles_edges(denomina
     assert pick(1e9) == 384
     with pytest.raises(ValueError, match="below the cost of rank 1"):
         pick(frac(1) * (1 - 1e-9))
-    for bad in (0.0, -1.0, float("nan")):
+    assert pick(np.float32(frac(153))) == pick(frac(153))  # any real number
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.5"):
         with pytest.raises(ValueError, match="must be a finite number > 0"):
             pick(bad)
     with pytest.raises(ValueError, match="denominator="):
@@ -345,6 +349,26 @@ def test_log_variances_get_gradients_and_updates_indexed_by_rank():
     assert len(traces) == 1 and len(set(sampled)) > 1
     assert moved == set(sampled) | {16}  # the anchor and exactly the sampled ranks moved
     assert int(rest["nsn"]["step"][...]) == 12
+
+
+def test_log_variance_gradients_are_exact_at_the_anchor_and_the_sampled_rank_only():
+    model, batch = _nsn_model(), _batch(jax.random.key(1))
+    s = jnp.array([0.1, -0.2, 0.3, 0.5])
+    model.nsn.log_var.set_value(s)
+    graphdef, params, rest = train.split_model(model)
+    key = jax.random.key(3)
+
+    def objective(params):
+        return nested.loss(_ce)(nnx.merge(graphdef, params, rest), batch, key)
+
+    grads, aux = jax.grad(objective, has_aux=True)(params)
+    index = (2, 4, 8, 16).index(int(aux["variant_rank"]))
+    want = np.zeros(4)
+    want[3] = 1 - np.exp(-0.5) * float(aux["ce_anchor"])  # d/ds (exp(-s) CE + s)
+    want[index] = 1 - np.exp(-float(s[index])) * float(aux["ce_variant"])
+    np.testing.assert_allclose(np.asarray(grads["nsn"]["log_var"][...]), want, rtol=1e-5,
+                               atol=1e-7)
+    assert want[3] != 0 and want[index] != 0
 
 
 def test_curriculum_widens_toward_low_ranks():

@@ -3,8 +3,8 @@
 * :func:`nested_method` / :func:`specialist_method`: :class:`~subspace_jax.baselines.Method`
   objects for :func:`~subspace_jax.baselines.train_text_classifier`: one NSN model
   trained over a rank grid, or a model converted at one fixed rank and trained there.
-* :func:`sweep`: accuracy of a trained model at each rank of a list (static widths, so
-  each rank is evaluated exactly as it would be deployed).
+* :func:`sweep`: accuracy of a trained model at each rank of a list (static widths, each
+  rank compiled as it would be deployed, or traced ranks, one compilation for all).
 * :func:`latency`: forward-pass times per rank measured side by side (round robin) with
   the dense model, and the matmul FLOPs of each forward counted from its jaxpr.
 * :func:`nesting_angles` and :func:`energies`: the nesting and energy-decay checks.
