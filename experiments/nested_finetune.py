@@ -398,41 +398,8 @@ def _table(out, name):
 
 
 def bench_rows(result: dict) -> list[dict]:
-    """Rows of ``subspace-jax bench nested`` from a result of this script.
-
-    Inference rows (NSN at 50% of the dense-MLP FLOPs, at its maximum rank and at
-    ``R / 8``) compare the forward pass with the dense fine-tuned model: matmul FLOPs and
-    latency, both measured in one run (round robin). The training row compares the NSN
-    step (anchor + one sampled rank) with full fine-tuning: compiled memory and matmul
-    FLOPs (the two runs' step times were not measured side by side, so no time ratio).
-    """
-    dense, head = result["dense"], result["headline"]
-    nsn = _by_rank(result["nested"]["sweep"])
-    svd = _by_rank(result["svd_truncation"]["sweep"])
-    lat = result["latency"]["model"]
-    top = head["ranks"][0]
-    labels = {head["rank"]: f"NSN r{head['rank']} (50% dense-MLP FLOPs)",
-              top: f"NSN r{top} (max rank)", head["ranks"][2]: f"NSN r{head['ranks'][2]}"}
-    rows = []
-    for r, run in labels.items():
-        timed = lat.get(f"r{r}", {})
-        rows.append({
-            "method": "nested", "run": run, "baseline": "dense fine-tuning (same steps)",
-            "quality": f"test acc {nsn[r]['test_accuracy']:.3f} vs {dense['test_accuracy']:.3f} "
-                       f"(SVD trunc. r{r} {svd[r]['test_accuracy']:.3f})",
-            "memory_ratio": None, "flops_ratio": timed.get("flops_ratio_to_dense"),
-            "time_ratio": timed.get("ratio_to_dense"),
-            "what": "inference forward matmul FLOPs; forward latency"})
-    spent, base = result["nested"], dense
-    rows.append({
-        "method": "nested", "run": "NSN training step (anchor + 1 sampled rank)",
-        "baseline": "full fine-tuning",
-        "quality": f"test acc at max rank {nsn[top]['test_accuracy']:.3f} vs "
-                   f"{dense['test_accuracy']:.3f}",
-        "memory_ratio": spent["compiled_memory"]["total"] / base["compiled_memory"]["total"],
-        "flops_ratio": spent["flops_matmul"] / base["flops_matmul"], "time_ratio": None,
-        "what": "train step compiled memory; train step matmul FLOPs"})
-    return rows
+    """Rows of ``subspace-jax bench nested`` (see :func:`subspace_jax.nested.bench.bench_rows`)."""
+    return bench.bench_rows(result)
 
 
 def demo_rows(budget, progress: bool) -> list[dict]:

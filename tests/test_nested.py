@@ -410,11 +410,11 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     from subspace_jax import demo
     from subspace_jax.nested import bench
 
-    argv = ["--num-layers", "1", "--steps", "3", "--batch-size", "4", "--max-length", "16",
-            "--train-limit", "32", "--eval-limit", "8", "--ranks", "1",
-            "--specialists", "4", "--latency-ranks", "384", "--latency-repeats", "1",
-            "--latency-rows", "4", "--no-progress", "--results-dir", str(tmp_path)]
-    assert _script("nested_finetune").main(argv) == 0
+    script = _script("nested_finetune")
+    assert set(script.SIZES) == {"tiny", "small", "full"} and script.SIZES["full"] == []
+    argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--name", "nested",
+                                   "--no-progress"]
+    assert script.main(argv) == 0
     result = json.loads((tmp_path / "nested.json").read_text())
     assert [row["rank"] for row in result["nested"]["sweep"]] == [1, 48, 153, 384]
     assert result["svd_truncation"]["max_abs_logit_difference_at_R"] < 1e-4
@@ -422,10 +422,33 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     assert all(a < 1e-3 for a in result["nesting"]["max_angle_degrees"][
         "bert/encoder/layers/0/mlp/up"].values())
     assert (tmp_path / "nested.png").stat().st_size > 0 and (tmp_path / "nested.md").exists()
+    keys = {"method", "run", "baseline", "quality", "memory_ratio", "flops_ratio", "time_ratio",
+            "what"}
+    rows = script.bench_rows(result)
+    assert [set(r) for r in rows] == [keys] * 4 and rows[0]["run"].startswith("NSN r153")
+    assert 0 < rows[-1]["memory_ratio"] and rows[-1]["flops_ratio"] > 1  # two passes a step
+    assert rows[1]["time_ratio"] > 0 and rows[0]["time_ratio"] is None  # r153 not timed
+    assert script.RECORDED["nested.json"] is bench.recorded_rows
     rows = bench.recorded_rows(result)
     assert [r["method"] for r in rows] == ["NSN r384", "NSN r153", "NSN r48", "SVD trunc. r153"]
     budget = demo.Budget(steps=2, settings=dict(num_layers=1, batch_size=4, max_length=16,
                                                 train_limit=32, eval_limit=8, evals=1))
-    live = bench.demo_rows(budget, progress=False)
+    live = script.demo_rows(budget, progress=False)
     assert [r["method"] for r in live] == ["NSN r384 (max)", "NSN r153 (50% MLP)", "NSN r48"]
     assert all(0 <= r["test_accuracy"] <= 1 and r["step_seconds"] > 0 for r in live)
+
+
+def test_reuse_refuses_other_settings():
+    import argparse
+    from pathlib import Path
+
+    script = _script("nested_finetune")
+    reused = {"command": "x", "dense": {"lr": 2e-4, "steps": 5}, "specialists": {},
+              "svd_truncation": {"sweep": [{"rank": 8}, {"rank": 16}]}}
+    args = argparse.Namespace(lr=2e-4, reuse=Path("old.json"))
+    out = script._reuse(args, reused, (8, 16))
+    assert out["dense"] is reused["dense"] and out["reused"]["from"] == "old.json"
+    with pytest.raises(ValueError, match=r"lr 0.0002 != 0.001"):
+        script._reuse(argparse.Namespace(lr=1e-3, reuse=Path("old.json")), reused, (8,))
+    with pytest.raises(ValueError, match=r"rank 32 not in its SVD sweep"):
+        script._reuse(args, reused, (8, 32))
