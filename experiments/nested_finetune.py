@@ -374,6 +374,10 @@ def _table(out, name):
     nsn, svd = _by_rank(out["nested"]["sweep"]), _by_rank(out["svd_truncation"]["sweep"])
     lat = {v["rank"]: v for v in out["latency"]["model"].values()}
     lines = [f"Command: `{out['command']}`",
+             *([f"Dense fine-tuning, SVD truncation and specialists reused from "
+                f"`{out['reused']['from']}` (`{out['reused']['command']}`, commit "
+                f"{(out['reused']['git_commit'] or '?')[:7]}); latency measured against the "
+                f"pretrained dense model (same shapes)."] if "reused" in out else []),
              "", "| rank | MLP FLOPs | model FLOPs | NSN test acc | SVD-trunc. test acc | "
              "latency vs dense |", "|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(nsn):
