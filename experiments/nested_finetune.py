@@ -55,6 +55,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="steps of every training run (overrides epochs)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of every run")
+    p.add_argument("--nested-lr", type=float, help="peak learning rate of the NSN run only "
+                   "(default: --lr)")
     p.add_argument("--seed", type=int)
     p.add_argument("--train-limit", type=int)
     p.add_argument("--eval-limit", type=int)
@@ -83,15 +85,16 @@ def _ints(text, default):
     return tuple(int(x) for x in text.split(",")) if text else tuple(default)
 
 
-def _config(args, mode):
+def _config(args, mode, **overrides):
     fields = {"epochs", "steps", "batch_size", "lr", "seed", "train_limit", "eval_limit",
               "num_layers", "max_length"}
     settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return baselines.FinetuneConfig.make(quick=args.quick, mode=mode, evals=1, **settings)
+    return baselines.FinetuneConfig.make(quick=args.quick, mode=mode, evals=1,
+                                         **{**settings, **overrides})
 
 
-def _train(args, method, mode, progress):
-    cfg = _config(args, mode)
+def _train(args, method, mode, progress, **overrides):
+    cfg = _config(args, mode, **overrides)
     start = time.perf_counter()
     run = baselines.train_text_classifier(cfg, method=method, progress=progress)
     print(f"{mode}: {run.result['steps']} steps, median step "
@@ -210,7 +213,8 @@ def main(argv=None) -> int:
     grid = _ints(args.grid, nested.core.rank_grid(top, steps=args.grid_steps))
     method = bench.nested_method(steps, grid=grid, curriculum=args.curriculum,
                                  log_var_lr=args.log_var_lr)
-    _, run = _train(args, method, "nested", progress)
+    _, run = _train(args, method, "nested", progress,
+                    **({} if args.nested_lr is None else {"lr": args.nested_lr}))
     if run.result["steps"] != steps:
         raise ValueError(f"NSN ran {run.result['steps']} steps, the dense run {steps}")
     model = nnx.merge(run.graphdef, run.params, run.rest)
