@@ -2,6 +2,7 @@
 
     python experiments/nested_finetune.py                 # the recorded run (results/nested.json)
     python experiments/nested_finetune.py --quick         # minutes: subsets, few steps
+    subspace-jax bench nested [--size tiny|small|full]    # SIZES below, rows by bench_rows
 
 Trains, with the same steps, batch and seed: full fine-tuning (dense), one NSN model (MLP
 Linears converted at R = 384, anchor + one sampled rank per step, learned log-variances,
@@ -17,6 +18,7 @@ table with this command).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -26,12 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from subspace_jax import baselines, experiment, measure, nested, train
+from subspace_jax import baselines, data, experiment, measure, nested, train
 from subspace_jax.nested import bench
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 EVAL_RANKS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 240, 256, 307, 384)
 LATENCY_RANKS = (8, 32, 64, 96, 153, 192, 256, 307, 384)
+
+#: ``subspace-jax bench nested`` sizes: the script's argv ("full" is the recorded run).
+SIZES: dict[str, list[str]] = {
+    # one encoder layer, 3 steps of 4 texts, one specialist: a smoke run (~30 s)
+    "tiny": ["--num-layers", "1", "--steps", "3", "--batch-size", "4", "--max-length", "16",
+             "--train-limit", "32", "--eval-limit", "8", "--ranks", "1", "--specialists", "4",
+             "--latency-ranks", "384", "--latency-repeats", "1", "--latency-rows", "4"],
+    # the quick budget (40 steps of 16, 256 val/test texts), one specialist: minutes
+    "small": ["--quick", "--specialists", "153", "--ranks", "8,48,96,153,256,384",
+              "--latency-repeats", "3"],
+    "full": [],
+}
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -41,12 +55,17 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="steps of every training run (overrides epochs)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of every run")
+    p.add_argument("--nested-lr", type=float, help="peak learning rate of the NSN run only "
+                   "(default: --lr)")
     p.add_argument("--seed", type=int)
     p.add_argument("--train-limit", type=int)
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--num-layers", type=int, help="keep only the first encoder layers")
     p.add_argument("--max-length", type=int)
-    p.add_argument("--grid", help="training ranks, comma-separated (default: rank_grid(R))")
+    p.add_argument("--grid", help="training ranks, comma-separated (default: "
+                   "rank_grid(R, steps=--grid-steps))")
+    p.add_argument("--grid-steps", type=int, default=16,
+                   help="evenly spaced training ranks of the default grid (plus halvings)")
     p.add_argument("--ranks", help="evaluation ranks, comma-separated")
     p.add_argument("--specialists", default="48,153,256", help="fixed-rank specialists")
     p.add_argument("--curriculum", type=float, default=0.3, help="share of steps to widen")
@@ -54,6 +73,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-ranks", help="ranks timed (default: a subset of --ranks)")
     p.add_argument("--latency-repeats", type=int, default=10)
     p.add_argument("--latency-rows", type=int, default=32, help="texts per timed forward")
+    p.add_argument("--reuse", type=Path, help="a result of this script whose dense run, SVD "
+                   "truncation and specialists to reuse (same settings): train only NSN")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--name", help="result file stem")
@@ -64,15 +85,16 @@ def _ints(text, default):
     return tuple(int(x) for x in text.split(",")) if text else tuple(default)
 
 
-def _config(args, mode):
+def _config(args, mode, **overrides):
     fields = {"epochs", "steps", "batch_size", "lr", "seed", "train_limit", "eval_limit",
               "num_layers", "max_length"}
     settings = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return baselines.FinetuneConfig.make(quick=args.quick, mode=mode, evals=1, **settings)
+    return baselines.FinetuneConfig.make(quick=args.quick, mode=mode, evals=1,
+                                         **{**settings, **overrides})
 
 
-def _train(args, method, mode, progress):
-    cfg = _config(args, mode)
+def _train(args, method, mode, progress, **overrides):
+    cfg = _config(args, mode, **overrides)
     start = time.perf_counter()
     run = baselines.train_text_classifier(cfg, method=method, progress=progress)
     print(f"{mode}: {run.result['steps']} steps, median step "
@@ -115,13 +137,34 @@ def _fit(xs, ys):
 
 
 def _sweep(graph, arrays, ranks, val_ranks):
-    """Test accuracy at every rank, validation accuracy too at ``val_ranks``."""
-    rows = bench.sweep(*graph, {"test": arrays["test"]}, ranks)
+    """Test accuracy at every rank, validation accuracy too at ``val_ranks``.
+
+    Traced ranks (one compilation for every rank; the numbers equal the static widths',
+    which ``tests/test_nested.py`` checks); latency is measured at static widths.
+    """
+    rows = bench.sweep(*graph, {"test": arrays["test"]}, ranks, static=False)
     val = _by_rank(bench.sweep(*graph, {"val": arrays["val"]},
-                               [r for r in ranks if r in val_ranks]))
+                               [r for r in ranks if r in val_ranks], static=False))
     for row in rows:
         row.update(val.get(row["rank"], {}))
     return rows
+
+
+def _reuse(args, reused, eval_ranks):
+    """The dense, SVD-truncation and specialist sections of ``reused``, checked and labelled."""
+    svd_ranks = {row["rank"] for row in reused["svd_truncation"]["sweep"]}
+    problems = [f"lr {reused['dense']['lr']} != {args.lr}"] if reused["dense"]["lr"] != args.lr else []
+    problems += [f"rank {r} not in its SVD sweep" for r in eval_ranks if r not in svd_ranks]
+    if problems:
+        raise ValueError(f"--reuse {args.reuse}: not the same settings: {problems}")
+    env = reused.get("environment", {})
+    return {"dense": reused["dense"], "svd_truncation": reused["svd_truncation"],
+            "specialists": reused["specialists"],
+            "reused": {"from": str(args.reuse), "command": reused["command"],
+                       "git_commit": env.get("git_commit"),
+                       "sections": ["dense", "svd_truncation", "specialists",
+                                    "nesting.specialists", "energy.svd_of_dense_ft"],
+                       "latency_baseline": "the pretrained dense model (same shapes)"}}
 
 
 def _by_rank(rows):
@@ -140,30 +183,40 @@ def main(argv=None) -> int:
                  "command": " ".join(["python experiments/nested_finetune.py", *argv])}
 
     # 1. dense fine-tuning, then plain SVD truncation of the fine-tuned model (no NSN training)
-    cfg, dense = _train(args, None, "full", progress)
+    reused = json.loads(args.reuse.read_text()) if args.reuse else None
+    if reused is None:
+        cfg, dense = _train(args, None, "full", progress)
+        steps = dense.result["steps"]
+        dense_model = nnx.merge(dense.graphdef, dense.params, dense.rest)
+    else:  # the pretrained model: its shapes set the ranks, its forward the latency baseline
+        cfg, steps = _config(args, "full"), reused["dense"]["steps"]
+        dense_model = baselines._classifier(cfg, data.load_pydoc_topics().num_classes)
     arrays = bench.eval_arrays(cfg)
-    steps = dense.result["steps"]
-    dense_model = nnx.merge(dense.graphdef, dense.params, dense.rest)
     svd_model = nested.convert(dense_model)
     top = max(m.kernel.get_value().max_rank for _, m in nested.layers(svd_model))
     half = nested.rank_for_budget(svd_model, 0.5, "mlp")  # 50% of the dense-MLP FLOPs
     headline = [top, half, max(1, top // 8)]
     eval_ranks = tuple(sorted({r for r in eval_ranks if r <= top} | set(headline)))
     batch = {k: jnp.asarray(v[:args.latency_rows]) for k, v in arrays["test"].items()}
-    logits = {n: baselines._logits(m, batch)
-              for n, m in (("dense", dense_model), ("svd", svd_model))}
-    svd_graph = train.split_model(svd_model)
-    out["dense"] = _summary(dense)
-    out["svd_truncation"] = {
-        "max_abs_logit_difference_at_R": float(jnp.abs(logits["dense"] - logits["svd"]).max()),
-        "sweep": _sweep(svd_graph, arrays, eval_ranks, headline)}
-    print("SVD truncation swept", flush=True)
+    if reused is None:
+        logits = {n: baselines._logits(m, batch)
+                  for n, m in (("dense", dense_model), ("svd", svd_model))}
+        out["dense"] = _summary(dense)
+        out["svd_truncation"] = {
+            "max_abs_logit_difference_at_R": float(jnp.abs(logits["dense"] - logits["svd"]).max()),
+            "sweep": _sweep(train.split_model(svd_model), arrays, eval_ranks, headline)}
+        print("SVD truncation swept", flush=True)
+    else:
+        out.update(_reuse(args, reused, eval_ranks))
 
     # 2. one NSN model over the rank grid
-    grid = _ints(args.grid, nested.core.rank_grid(top))
+    grid = _ints(args.grid, nested.core.rank_grid(top, steps=args.grid_steps))
     method = bench.nested_method(steps, grid=grid, curriculum=args.curriculum,
                                  log_var_lr=args.log_var_lr)
-    _, run = _train(args, method, "nested", progress)
+    _, run = _train(args, method, "nested", progress,
+                    **({} if args.nested_lr is None else {"lr": args.nested_lr}))
+    if run.result["steps"] != steps:
+        raise ValueError(f"NSN ran {run.result['steps']} steps, the dense run {steps}")
     model = nnx.merge(run.graphdef, run.params, run.rest)
     sampled = run.result["history"]["metrics"]["variant_rank"]
     ranks_seen, counts = np.unique(np.asarray(sampled, int), return_counts=True)
@@ -178,12 +231,15 @@ def main(argv=None) -> int:
     for row in out["nested"]["sweep"]:
         row["trained"] = row["rank"] in grid
         row["sampled"] = row["rank"] in out["nested"]["sampled_ranks"] or row["rank"] == top
-    print("NSN swept", flush=True)
+    svd_acc = _by_rank(out["svd_truncation"]["sweep"])
+    print("NSN swept: rank, NSN / SVD-truncation test accuracy:", ", ".join(
+        f"{row['rank']}: {row['test_accuracy']:.3f} / {svd_acc[row['rank']]['test_accuracy']:.3f}"
+        for row in out["nested"]["sweep"]), flush=True)
 
     # 3. specialists at fixed ranks
-    out["specialists"] = {}
+    out.setdefault("specialists", {})
     spec_models = {}
-    for r in specialists:
+    for r in () if reused else specialists:
         if r > top:
             continue
         _, srun = _train(args, bench.specialist_method(r), f"specialist_r{r}",
@@ -205,9 +261,8 @@ def main(argv=None) -> int:
                             for d in nested.DENOMINATORS for f in (0.25, 0.5, 0.75, 1.0)
                             if f >= nested.flop_fractions(model, 1)[d]}}
     lat_ranks = tuple(r for r in _ints(args.latency_ranks, LATENCY_RANKS) if r <= top) or (top,)
-    dense_shell = nnx.merge(dense.graphdef, dense.params, dense.rest)
     out["latency"] = {"rows": args.latency_rows, "tokens": int(batch["input_ids"].size),
-                      "model": bench.latency(model, dense_shell, lat_ranks, batch,
+                      "model": bench.latency(model, dense_model, lat_ranks, batch,
                                              repeats=args.latency_repeats)}
     costs = {c.path: c for c in nested.layer_costs(model)}
     first = next(iter(costs.values()))
@@ -224,6 +279,8 @@ def main(argv=None) -> int:
     paths = [p for p in costs][:1] + [p for p in costs][-1:]
     angle_ranks = tuple(r for r in (1, 8, 48, 153, 256, top - 1) if 1 <= r < top)
     out["nesting"] = {"max_angle_degrees": bench.nesting_angles(model, angle_ranks, paths)}
+    if reused and "specialists" in reused["nesting"]:
+        out["nesting"]["specialists"] = reused["nesting"]["specialists"]
     if len(spec_models) >= 2:
         (r1, m1), (r2, m2) = sorted(spec_models.items())[:2]
         k1 = dict(nested.layers(m1))[paths[0]].kernel.get_value()
@@ -236,11 +293,17 @@ def main(argv=None) -> int:
     pretrained = nested.convert(baselines._classifier(_config(args, "full"), 11))
     energy = {"nested": bench.energies(model), "svd_of_dense_ft": bench.energies(svd_model),
               "pretrained": bench.energies(pretrained)}
+    if reused:  # svd_model is the pretrained model here
+        del energy["svd_of_dense_ft"]
     out["energy"] = {
         name: {"inversions": {p: int((np.diff(e) > 0).sum()) for p, e in by_path.items()},
                "mean_normalised": np.mean([e / e[0] for e in by_path.values()], axis=0).tolist(),
                "first_layers": {p: by_path[p].tolist() for p in paths}}
         for name, by_path in energy.items()}
+    if reused:
+        out["energy"] = {"nested": out["energy"]["nested"],
+                         "svd_of_dense_ft": reused["energy"]["svd_of_dense_ft"],
+                         "pretrained": out["energy"]["pretrained"]}
 
     # 5. the headline: 50% of the dense-MLP FLOPs
     nsn, svd = _by_rank(out["nested"]["sweep"]), _by_rank(out["svd_truncation"]["sweep"])
@@ -315,6 +378,10 @@ def _table(out, name):
     nsn, svd = _by_rank(out["nested"]["sweep"]), _by_rank(out["svd_truncation"]["sweep"])
     lat = {v["rank"]: v for v in out["latency"]["model"].values()}
     lines = [f"Command: `{out['command']}`",
+             *([f"Dense fine-tuning, SVD truncation and specialists reused from "
+                f"`{out['reused']['from']}` (`{out['reused']['command']}`, commit "
+                f"{(out['reused']['git_commit'] or '?')[:7]}); latency measured against the "
+                f"pretrained dense model (same shapes)."] if "reused" in out else []),
              "", "| rank | MLP FLOPs | model FLOPs | NSN test acc | SVD-trunc. test acc | "
              "latency vs dense |", "|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(nsn):
@@ -336,6 +403,21 @@ def _table(out, name):
                      f"(NSN at r{r}: {nsn[int(r)]['test_accuracy']:.3f})"
                      if int(r) in nsn else f"Specialist r{r}: {own['test_accuracy']:.3f}")
     return "\n".join(lines)
+
+
+def bench_rows(result: dict) -> list[dict]:
+    """Rows of ``subspace-jax bench nested`` (see :func:`subspace_jax.nested.bench.bench_rows`)."""
+    return bench.bench_rows(result)
+
+
+def demo_rows(budget, progress: bool) -> list[dict]:
+    """The demo's live NSN rows at the shared budget (see
+    :func:`subspace_jax.nested.bench.demo_rows`)."""
+    return bench.demo_rows(budget, progress)
+
+
+#: Demo rows of the recorded result: NSN at full, 50%-MLP and low rank, SVD at 50%.
+RECORDED = {"nested.json": bench.recorded_rows}
 
 
 if __name__ == "__main__":

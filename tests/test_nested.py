@@ -50,11 +50,14 @@ def nested_bits(dtype):
     return {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): 16}[jnp.dtype(dtype)] * 5 * 28
 
 
-_CONTRACT = [contract.test_matmul_equals_x_times_materialize,
-             contract.test_shape_dtype_bits_and_flops_equal_the_traced_matmul,
-             contract.test_frozen_fields_never_train, contract.test_jit_does_not_recompile,
-             contract.test_eval_shape, contract.test_tree_map_grad_and_optax_update,
-             contract.test_checkpoint_round_trip_exact, contract.test_sharded_matmul]
+# every test of the shared contract suite, found by name, so a new contract test applies to
+# Nested too (Nested joins through ``contract.FORMS``, patched in for the duration)
+_CONTRACT = [getattr(contract, name) for name in sorted(vars(contract))
+             if name.startswith("test_") and callable(getattr(contract, name))]
+
+
+def test_the_contract_suite_is_found():
+    assert len(_CONTRACT) >= 8 and contract.test_sharded_matmul in _CONTRACT
 
 
 @pytest.mark.parametrize("check", _CONTRACT, ids=lambda f: f.__name__)
@@ -64,7 +67,7 @@ def test_nested_joins_the_form_contract(check, monkeypatch, tmp_path):
     names = check.__code__.co_varnames[:check.__code__.co_argcount]
     kwargs.update({k: v for k, v in {"form_name": "nested", "tmp_path": tmp_path}.items()
                    if k in names})
-    for dtype in (["float32", "bfloat16"] if "dtype" in names else [None]):
+    for dtype in (sorted(contract.DTYPES) if "dtype" in names else [None]):
         check(**kwargs, **({"dtype": dtype} if dtype else {}))
 
 
@@ -278,7 +281,8 @@ def test_rank_for_budget_is_monotone_largest_feasible_and_handles_edges(denomina
     assert pick(1e9) == 384
     with pytest.raises(ValueError, match="below the cost of rank 1"):
         pick(frac(1) * (1 - 1e-9))
-    for bad in (0.0, -1.0, float("nan")):
+    assert pick(np.float32(frac(153))) == pick(frac(153))  # any real number
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.5"):
         with pytest.raises(ValueError, match="must be a finite number > 0"):
             pick(bad)
     with pytest.raises(ValueError, match="denominator="):
@@ -347,6 +351,26 @@ def test_log_variances_get_gradients_and_updates_indexed_by_rank():
     assert int(rest["nsn"]["step"][...]) == 12
 
 
+def test_log_variance_gradients_are_exact_at_the_anchor_and_the_sampled_rank_only():
+    model, batch = _nsn_model(), _batch(jax.random.key(1))
+    s = jnp.array([0.1, -0.2, 0.3, 0.5])
+    model.nsn.log_var.set_value(s)
+    graphdef, params, rest = train.split_model(model)
+    key = jax.random.key(3)
+
+    def objective(params):  # as train.make_train_step: merge copies the method state
+        return nested.loss(_ce)(nnx.merge(graphdef, params, rest, copy=True), batch, key)
+
+    grads, aux = jax.jit(jax.grad(objective, has_aux=True))(params)
+    index = (2, 4, 8, 16).index(int(aux["variant_rank"]))
+    want = np.zeros(4)
+    want[3] = 1 - np.exp(-0.5) * float(aux["ce_anchor"])  # d/ds (exp(-s) CE + s)
+    want[index] = 1 - np.exp(-float(s[index])) * float(aux["ce_variant"])
+    np.testing.assert_allclose(np.asarray(grads["nsn"]["log_var"][...]), want, rtol=1e-5,
+                               atol=1e-7)
+    assert want[3] != 0 and want[index] != 0
+
+
 def test_curriculum_widens_toward_low_ranks():
     obj = nested.Objective((1, 2, 4, 8, 16, 32), curriculum_steps=100)
     keys = jax.random.split(jax.random.key(0), 200)
@@ -386,11 +410,11 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     from subspace_jax import demo
     from subspace_jax.nested import bench
 
-    argv = ["--num-layers", "1", "--steps", "3", "--batch-size", "4", "--max-length", "16",
-            "--train-limit", "32", "--eval-limit", "8", "--ranks", "1",
-            "--specialists", "4", "--latency-ranks", "384", "--latency-repeats", "1",
-            "--latency-rows", "4", "--no-progress", "--results-dir", str(tmp_path)]
-    assert _script("nested_finetune").main(argv) == 0
+    script = _script("nested_finetune")
+    assert set(script.SIZES) == {"tiny", "small", "full"} and script.SIZES["full"] == []
+    argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--name", "nested",
+                                   "--no-progress"]
+    assert script.main(argv) == 0
     result = json.loads((tmp_path / "nested.json").read_text())
     assert [row["rank"] for row in result["nested"]["sweep"]] == [1, 48, 153, 384]
     assert result["svd_truncation"]["max_abs_logit_difference_at_R"] < 1e-4
@@ -398,10 +422,33 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     assert all(a < 1e-3 for a in result["nesting"]["max_angle_degrees"][
         "bert/encoder/layers/0/mlp/up"].values())
     assert (tmp_path / "nested.png").stat().st_size > 0 and (tmp_path / "nested.md").exists()
+    keys = {"method", "run", "baseline", "quality", "memory_ratio", "flops_ratio", "time_ratio",
+            "what"}
+    rows = script.bench_rows(result)
+    assert [set(r) for r in rows] == [keys] * 4 and rows[0]["run"].startswith("NSN r153")
+    assert 0 < rows[-1]["memory_ratio"] and rows[-1]["flops_ratio"] > 1  # two passes a step
+    assert rows[1]["time_ratio"] > 0 and rows[0]["time_ratio"] is None  # r153 not timed
+    assert script.RECORDED["nested.json"] is bench.recorded_rows
     rows = bench.recorded_rows(result)
     assert [r["method"] for r in rows] == ["NSN r384", "NSN r153", "NSN r48", "SVD trunc. r153"]
     budget = demo.Budget(steps=2, settings=dict(num_layers=1, batch_size=4, max_length=16,
                                                 train_limit=32, eval_limit=8, evals=1))
-    live = bench.demo_rows(budget, progress=False)
+    live = script.demo_rows(budget, progress=False)
     assert [r["method"] for r in live] == ["NSN r384 (max)", "NSN r153 (50% MLP)", "NSN r48"]
     assert all(0 <= r["test_accuracy"] <= 1 and r["step_seconds"] > 0 for r in live)
+
+
+def test_reuse_refuses_other_settings():
+    import argparse
+    from pathlib import Path
+
+    script = _script("nested_finetune")
+    reused = {"command": "x", "dense": {"lr": 2e-4, "steps": 5}, "specialists": {},
+              "svd_truncation": {"sweep": [{"rank": 8}, {"rank": 16}]}}
+    args = argparse.Namespace(lr=2e-4, reuse=Path("old.json"))
+    out = script._reuse(args, reused, (8, 16))
+    assert out["dense"] is reused["dense"] and out["reused"]["from"] == "old.json"
+    with pytest.raises(ValueError, match=r"lr 0.0002 != 0.001"):
+        script._reuse(argparse.Namespace(lr=1e-3, reuse=Path("old.json")), reused, (8,))
+    with pytest.raises(ValueError, match=r"rank 32 not in its SVD sweep"):
+        script._reuse(args, reused, (8, 32))

@@ -3,12 +3,13 @@
 * :func:`nested_method` / :func:`specialist_method`: :class:`~subspace_jax.baselines.Method`
   objects for :func:`~subspace_jax.baselines.train_text_classifier`: one NSN model
   trained over a rank grid, or a model converted at one fixed rank and trained there.
-* :func:`sweep`: accuracy of a trained model at each rank of a list (static widths, so
-  each rank is evaluated exactly as it would be deployed).
+* :func:`sweep`: accuracy of a trained model at each rank of a list (static widths, each
+  rank compiled as it would be deployed, or traced ranks, one compilation for all).
 * :func:`latency`: forward-pass times per rank measured side by side (round robin) with
   the dense model, and the matmul FLOPs of each forward counted from its jaxpr.
 * :func:`nesting_angles` and :func:`energies`: the nesting and energy-decay checks.
-* :func:`demo_rows` / :func:`recorded_rows`: rows of ``subspace-jax demo``.
+* :func:`demo_rows` / :func:`recorded_rows`: rows of ``subspace-jax demo``;
+  :func:`bench_rows`: rows of ``subspace-jax bench nested``.
 
 References:
     NSN, arXiv 2509.17874.
@@ -28,7 +29,7 @@ from subspace_jax import baselines, data, measure, train
 from subspace_jax.nested import core, cost, layer, objective
 
 __all__ = ["nested_method", "specialist_method", "eval_arrays", "sweep", "latency",
-           "nesting_angles", "energies", "demo_rows", "recorded_rows"]
+           "nesting_angles", "energies", "demo_rows", "recorded_rows", "bench_rows"]
 
 
 def nested_method(steps: int, *, grid: Sequence[int] | None = None, curriculum: float = 0.3,
@@ -243,6 +244,49 @@ def demo_rows(budget: Any, progress: bool) -> list[dict[str, Any]]:
                  batch_size=cfg.eval_batch_size, static=False)
     names = [f"NSN r{top} (max)", f"NSN r{half} (50% MLP)", f"NSN r{ranks[2]}"]
     return [_row(n, run.result, row) for n, row in zip(names, rows)]
+
+
+def bench_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of ``subspace-jax bench nested`` from a result of ``experiments/nested_finetune.py``.
+
+    Inference rows (NSN at 50% of the dense-MLP FLOPs, at its maximum rank and at
+    ``R / 8``) compare the forward pass with the dense fine-tuned model: matmul FLOPs and
+    latency, both measured in one run (round robin). The training row compares the NSN
+    step (anchor + one sampled rank) with full fine-tuning: compiled memory and matmul
+    FLOPs (the two runs' step times were not measured side by side, so no time ratio).
+
+    Examples:
+        >>> rows = bench_rows(json.load(open("results/nested.json")))  # doctest: +SKIP
+        >>> rows[0]["run"]  # doctest: +SKIP
+        'NSN r153 (50% dense-MLP FLOPs)'
+    """
+    dense, head = result["dense"], result["headline"]
+    nsn = {row["rank"]: row for row in result["nested"]["sweep"]}
+    svd = {row["rank"]: row for row in result["svd_truncation"]["sweep"]}
+    lat = result["latency"]["model"]
+    top = head["ranks"][0]
+    labels = {head["rank"]: f"NSN r{head['rank']} (50% dense-MLP FLOPs)",
+              top: f"NSN r{top} (max rank)", head["ranks"][2]: f"NSN r{head['ranks'][2]}"}
+    rows = []
+    for r, run in labels.items():
+        timed = lat.get(f"r{r}", {})
+        rows.append({
+            "method": "nested", "run": run, "baseline": "dense fine-tuning (same steps)",
+            "quality": f"test acc {nsn[r]['test_accuracy']:.3f} vs {dense['test_accuracy']:.3f} "
+                       f"(SVD trunc. r{r} {svd[r]['test_accuracy']:.3f})",
+            "memory_ratio": None, "flops_ratio": timed.get("flops_ratio_to_dense"),
+            "time_ratio": timed.get("ratio_to_dense"),
+            "what": "inference forward matmul FLOPs; forward latency"})
+    spent, base = result["nested"], dense
+    rows.append({
+        "method": "nested", "run": "NSN training step (anchor + 1 sampled rank)",
+        "baseline": "full fine-tuning",
+        "quality": f"test acc at max rank {nsn[top]['test_accuracy']:.3f} vs "
+                   f"{dense['test_accuracy']:.3f}",
+        "memory_ratio": spent["compiled_memory"]["total"] / base["compiled_memory"]["total"],
+        "flops_ratio": spent["flops_matmul"] / base["flops_matmul"], "time_ratio": None,
+        "what": "train step compiled memory; train step matmul FLOPs"})
+    return rows
 
 
 def recorded_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -188,7 +189,8 @@ def rank_for_budget(target: Any, fraction: float, denominator: str = "mlp", *,
     """
     if denominator not in DENOMINATORS:
         raise ValueError(f"denominator={denominator!r} must be one of {DENOMINATORS}")
-    if not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or fraction <= 0:
+    if (isinstance(fraction, bool) or not isinstance(fraction, numbers.Real)
+            or not math.isfinite(fraction) or fraction <= 0):
         raise ValueError(f"fraction={fraction!r} must be a finite number > 0")
     costs, other = _resolve(target, other_macs)
     top = max(c.max_rank for c in costs)
