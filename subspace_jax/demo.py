@@ -154,6 +154,7 @@ ENTRIES: dict[str, Entry] = {
     "lorapre": Entry.from_script("lorapre", "lorapre_finetune"),
     "littlebit": Entry.from_script("littlebit", "littlebit_finetune"),
     "wasi": Entry.from_script("wasi", "wasi_finetune"),
+    "nested": Entry.from_script("nested", "nested_finetune"),
 }
 
 

@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from subspace_jax import checkpoint, forms, littlebit, lora, measure, train
+from subspace_jax import checkpoint, forms, littlebit, lora, measure, nested, train
 
 
 def _dense(key, shape, dtype):
@@ -29,6 +29,10 @@ def _lora(key, shape, dtype):
     k1, k2 = jax.random.split(key)
     adapter = lora.LoRA.init(k1, _dense(k2, shape, dtype), rank=3, alpha=6.0)
     return dataclasses.replace(adapter, b=_dense(key, adapter.b.shape, dtype))  # non-zero update
+
+
+def _nested(key, shape, dtype):
+    return nested.Nested.from_dense(_dense(key, shape, jnp.float32), max_rank=5, dtype=dtype)
 
 
 SHAPE = (16, 12)
@@ -47,6 +51,8 @@ FORMS = {
                          lambda dtype: 2 * (8 * 8 * (2 + 2) + 16 * (_OUT + _IN + 8))),
     "low_rank": (_low_rank, lambda dtype: _BITS[dtype] * 3 * (_IN + _OUT)),
     "lora": (_lora, lambda dtype: _BITS[dtype] * (_IN * _OUT + 3 * (_IN + _OUT))),
+    # 5 nested components, each a column of a (in) and a row of b (out)
+    "nested": (_nested, lambda dtype: _BITS[dtype] * 5 * (_IN + _OUT)),
 }
 # |error| / max|y| of matmul against x @ materialize in float32: bfloat16 rounds the output,
 # a form's intermediate product and its materialized matrix, each by at most 2^-8

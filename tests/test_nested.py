@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import test_form_contract as contract
 from subspace_jax import forms, measure, nested, rules, train
 from subspace_jax.models import bert
 from subspace_jax.nested import core
@@ -39,36 +38,7 @@ def _ce(model, batch, key):
 
 # --- the form -------------------------------------------------------------------------
 
-def nested_factory(key, shape, dtype):
-    """Contract-suite factory: R = 5 of min(16, 12), factors in ``dtype``."""
-    w = jax.random.normal(key, shape, jnp.float32)
-    return nested.Nested.from_dense(w, max_rank=5, dtype=dtype)
-
-
-def nested_bits(dtype):
-    """Hand count for the contract SHAPE (16, 12): 5 components of 16 + 12 numbers."""
-    return {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): 16}[jnp.dtype(dtype)] * 5 * 28
-
-
-# every test of the shared contract suite, found by name, so a new contract test applies to
-# Nested too (Nested joins through ``contract.FORMS``, patched in for the duration)
-_CONTRACT = [getattr(contract, name) for name in sorted(vars(contract))
-             if name.startswith("test_") and callable(getattr(contract, name))]
-
-
-def test_the_contract_suite_is_found():
-    assert len(_CONTRACT) >= 8 and contract.test_sharded_matmul in _CONTRACT
-
-
-@pytest.mark.parametrize("check", _CONTRACT, ids=lambda f: f.__name__)
-def test_nested_joins_the_form_contract(check, monkeypatch, tmp_path):
-    monkeypatch.setitem(contract.FORMS, "nested", (nested_factory, nested_bits))
-    kwargs = {"make": nested_factory}
-    names = check.__code__.co_varnames[:check.__code__.co_argcount]
-    kwargs.update({k: v for k, v in {"form_name": "nested", "tmp_path": tmp_path}.items()
-                   if k in names})
-    for dtype in (sorted(contract.DTYPES) if "dtype" in names else [None]):
-        check(**kwargs, **({"dtype": dtype} if dtype else {}))
+# Nested is a member of the shared contract suite (tests/test_form_contract.py FORMS).
 
 
 def test_full_rank_is_exact_and_prefixes_are_truncated_svds():
