@@ -404,4 +404,4 @@ def test_experiment_script_smoke(tmp_path):
     assert low["residual_bytes"] < full["residual_bytes"]
     assert (tmp_path / "wasi.png").stat().st_size > 0
     (row,) = script.recorded_rows(result)  # the WASI run; its baselines are the demo's own rows
-    assert row["method"] == "WASI (2 steps)"
+    assert row["method"] == "WASI eps 0.9 (MLP; weights and activations) (2 steps)"
