@@ -141,10 +141,10 @@ def methods(sweep: list[float], attention: bool, energies: list[float] = ()
     out = [full, remat_method(), remat_method(nonlinear=True), baselines.lora_method(),
            wasi_method(name="wasi"), wasi_method(activation_eps=None)]
     out += [remat_method(out[4]), remat_method(out[4], nonlinear=True)]
-    out += [wasi_method(activation_eps=e) for e in sweep if e != 0.9]
-    out += [wasi_method(energy=e, name=f"wasi_w{e:g}") for e in energies]
     if attention:
         out.append(wasi_method(attention=True, name="wasi_attn"))
+    out += [wasi_method(activation_eps=e) for e in sweep if e != 0.9]
+    out += [wasi_method(energy=e, name=f"wasi_w{e:g}") for e in energies]
     return out
 
 
@@ -349,6 +349,8 @@ def run_all(args) -> dict[str, Any]:
         result["run_seconds"] = time.perf_counter() - start
         timing_fns[method.name], infer_fns[method.name] = (step, step_args), (infer, infer_args)
         runs[method.name] = result
+        experiment.write_result(args.name, {"runs": runs, "partial": True},  # if cut short
+                                results_dir=args.results_dir)
         print(f"{method.name}: test acc {result.get('test_accuracy', float('nan')):.4f} "
               f"({result.get('accuracy_from', 'trained here')}), "
               f"{result['run_seconds']:.0f} s", flush=True)
