@@ -284,8 +284,9 @@ def measured_run(cfg: baselines.FinetuneConfig, method: baselines.Method, key) -
     graphdef, params, rest = train.split_model(model)
     tx = method.optimizer(cfg, method.learning_rate(cfg), cfg.steps or 100)
     mask = train.trainable_mask(params, train=method.train)
+    # donated like the training loop's step (its compiled memory is comparable); not run
     step = train.make_train_step(graphdef, method.loss or baselines.classifier_loss, tx,
-                                 mask=mask, post_update=method.post_update, donate=False)
+                                 mask=mask, post_update=method.post_update, donate=True)
     measures = train.measure_step(step, method.loss or baselines.classifier_loss, graphdef,
                                   params, train.init_optimizer(tx, params, mask), rest,
                                   _calibration_batch(cfg), key, mask=mask)
