@@ -355,6 +355,14 @@ def run_all(args) -> dict[str, Any]:
         print(f"{method.name}: test acc {result.get('test_accuracy', float('nan')):.4f} "
               f"({result.get('accuracy_from', 'trained here')}), "
               f"{result['run_seconds']:.0f} s", flush=True)
+    out = {"runs": runs, "baseline": next(iter(runs), None),
+           "settings": {**settings, "quick": args.quick,
+                        "recorded_baselines": args.recorded_baselines},
+           "command": "python experiments/wasi_finetune.py " + " ".join(sys.argv[1:])}
+    if args.vit_steps:
+        out["vit_4d"] = vit_case(args.vit_steps, args.seed, args.repeats)
+    if not runs:    # e.g. --only vit: the 4-D case alone
+        return out
     names = list(runs)
     steps_cmp = measure.compare(timing_fns, warmup=2, repeats=args.repeats)
     infer_cmp = measure.compare(infer_fns, warmup=2, repeats=2 * args.repeats)
@@ -365,12 +373,6 @@ def run_all(args) -> dict[str, Any]:
         runs[name]["train_step_ratio_vs_" + base] = steps_cmp.ratio(name, base)
         runs[name]["inference_seconds_compare"] = infer_cmp.median(name)
         runs[name]["inference_ratio_vs_" + base] = infer_cmp.ratio(name, base)
-    out = {"runs": runs, "baseline": base,
-           "settings": {**settings, "quick": args.quick,
-                        "recorded_baselines": args.recorded_baselines},
-           "command": "python experiments/wasi_finetune.py " + " ".join(sys.argv[1:])}
-    if args.vit_steps:
-        out["vit_4d"] = vit_case(args.vit_steps, args.seed, args.repeats)
     return out
 
 
@@ -491,9 +493,10 @@ def main(argv=None) -> int:
     args = parse(argv)
     result = run_all(args)
     path = experiment.write_result(args.name, result, results_dir=args.results_dir)
-    plot(path.with_suffix(".png"), result)
-    print(table(result))
-    print(f"wrote {path} and {path.with_suffix('.png').name}")
+    if result["runs"]:
+        plot(path.with_suffix(".png"), result)
+        print(table(result))
+    print(f"wrote {path}")
     return 0
 
 
