@@ -384,7 +384,10 @@ class OpConfig:
     Attributes:
         variant: ``"factored"`` (gradients for ``a`` and ``b``) or ``"master"`` (a gradient
             for the full master kernel ``w``; ``a`` and ``b`` get zeros).
-        order: contraction order of the weight gradient (see :func:`tucker_weight_grad`).
+        order: contraction order of the weight gradient: ``"paper"`` follows the reference
+            code (:func:`tucker_weight_grad`, for the factored variant after forming
+            ``g @ b^T``); ``"auto"`` and ``"project"`` compute one :func:`core_gradient`
+            ``m`` and get ``da``, ``db`` (or ``dw``) from it by thin matmuls.
         name: the layer's path, for error messages.
         precision: of the forward and input-gradient matmuls.
         dot_general: computes the forward and input-gradient matmuls (None: lax's).
