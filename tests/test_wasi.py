@@ -406,10 +406,10 @@ def test_experiment_script_smoke(tmp_path):
     spec.loader.exec_module(script)
     argv = ["--steps", "2", "--num-layers", "1", "--batch-size", "4", "--max-length", "16",
             "--train-limit", "32", "--eval-limit", "8", "--evals", "1", "--repeats", "1",
-            "--only", "full", "wasi", "--no-progress", "--results-dir", str(tmp_path)]
+            "--only", "full", "wasi_knap", "--no-progress", "--results-dir", str(tmp_path)]
     assert script.main(argv) == 0
     result = json.loads((tmp_path / "wasi.json").read_text())
-    full, low = result["runs"]["full"], result["runs"]["wasi"]
+    full, low = result["runs"]["full"], result["runs"]["wasi_knap"]   # activations at 5%
     print({k: (full[k], low[k]) for k in ("mlp_activation_bytes_measured",
                                           "mlp_activation_bytes_analytic", "residual_bytes")})
     assert low["mlp_activation_bytes_measured"] == low["mlp_activation_bytes_analytic"]
@@ -423,4 +423,4 @@ def test_experiment_script_smoke(tmp_path):
     assert rows[0]["method"] == "wasi" and rows[0]["time_ratio"] > 0
     assert set(script.SIZES) == {"tiny", "small", "full"}
     (row,) = script.recorded_rows(result)  # the WASI run; its baselines are the demo's own rows
-    assert row["method"] == "WASI eps 0.9 (MLP; weights and activations) (2 steps)"
+    assert row["method"] == "WASI eps 0.9 weights, knapsack activations (5%) (2 steps)"
