@@ -169,6 +169,19 @@ def test_orth_and_compress_match_householder_references():
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=["3d", "4d"])
+def test_weight_grad_orders_and_core_gradient_agree_at_full_rank(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    g = jax.random.normal(jax.random.key(1), shape[:-1] + (5,))
+    t = linalg.hosvd(x, ranks=_full_ranks(shape))
+    dense = jnp.einsum("...i,...o->io", x, g)
+    for order in ("paper", "project", "auto"):
+        np.testing.assert_allclose(core.tucker_weight_grad(t.core, t.factors, g, order=order),
+                                   dense, atol=1e-4)
+    m = core.core_gradient(t.core, t.factors, g)
+    np.testing.assert_allclose(t.factors[-1] @ m, dense, atol=1e-4)
+
+
 def test_step_orthonormalisation_has_no_branch_and_keeps_basis_on_breakdown():
     x = jax.random.normal(jax.random.key(1), (6, 8, 10))
     prev = linalg.hosvd(x, ranks=(2, 3, 4)).factors

@@ -311,7 +311,7 @@ def _cheapest_order(shape, ranks, modes):
     return min(itertools.permutations(modes), key=cost)
 
 
-def _project(x, factors, modes):
+def _project_modes(x, factors, modes):
     """``x x_n U_n^T`` over ``modes``, in the cheapest order."""
     ranks = {n: factors[n].shape[1] for n in modes}
     for n in _cheapest_order(x.shape, ranks, modes):
@@ -345,7 +345,7 @@ def compress(x: jax.Array, factors_prev: Sequence[jax.Array]) -> linalg.Tucker:
     x = jnp.asarray(x, jnp.float32)
     factors = tuple(_orth_or_keep(_gram_apply(x, n, u), u)
                     for n, u in enumerate(jnp.asarray(u, jnp.float32) for u in factors_prev))
-    return linalg.Tucker(_project(x, factors, tuple(range(x.ndim))), factors)
+    return linalg.Tucker(_project_modes(x, factors, tuple(range(x.ndim))), factors)
 
 
 def core_gradient(core: jax.Array, factors: Sequence[jax.Array], g: jax.Array) -> jax.Array:
@@ -368,7 +368,7 @@ def core_gradient(core: jax.Array, factors: Sequence[jax.Array], g: jax.Array) -
         >>> bool(jnp.allclose(t.factors[-1] @ m, jnp.einsum("bni,bno->io", x, g), atol=1e-4))
         True
     """
-    gp = _project(jnp.asarray(g, jnp.float32), tuple(factors), tuple(range(core.ndim - 1)))
+    gp = _project_modes(jnp.asarray(g, jnp.float32), tuple(factors), tuple(range(core.ndim - 1)))
     r_d = core.shape[-1]
     return jnp.matmul(core.reshape(-1, r_d).T, gp.reshape(-1, gp.shape[-1]), precision=_HI)
 
