@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 
 from subspace_jax import forms, linalg
 
-__all__ = ["orth", "compress", "OpConfig", "wasi_matmul", "tucker_weight_grad", "grad_flops",
+__all__ = ["orth", "compress", "core_gradient", "OpConfig", "wasi_matmul", "tucker_weight_grad",
+           "grad_flops",
            "choose_order", "refresh_factored", "refresh_master"]
 
 _HI = jax.lax.Precision.HIGHEST
@@ -185,14 +187,41 @@ def _chol_qr(p, shift=None):
     if shift is not None:
         g = g + shift * jnp.eye(g.shape[0], dtype=g.dtype)
     low = jnp.linalg.cholesky(g)
-    q = jax.scipy.linalg.solve_triangular(low, p.T, lower=True).T
-    return q, low.T
+    # q = p low^-T through the explicit k x k inverse: one GEMM, and several times faster to
+    # compile on CPU than a triangular solve with the (k, m) right-hand side
+    inv = jax.scipy.linalg.solve_triangular(low, jnp.eye(g.shape[0], dtype=g.dtype), lower=True)
+    return jnp.matmul(p, inv.T, precision=_HI), low.T
+
+
+def _cholqr3(p):
+    """Column-scaled shifted CholeskyQR3: ``(q, r, ok)``, ``ok`` False where it broke down."""
+    p = jnp.asarray(p, jnp.float32)
+    m, k = p.shape
+    norms = jnp.sqrt(jnp.sum(p * p, axis=0))
+    norms = jnp.where(norms > 0, norms, 1.0)
+    ps = p / norms          # QR(p D^-1) = Q (R D^-1): same Q, better-conditioned Gram
+    shift = 11.0 * (m * k + k * (k + 1)) * float(jnp.finfo(jnp.float32).eps) * k
+    q, r1 = _chol_qr(ps, shift)
+    q, r2 = _chol_qr(q)
+    q, r3 = _chol_qr(q)
+    r = jnp.matmul(r3, jnp.matmul(r2, r1, precision=_HI), precision=_HI) * norms[None, :]
+    ok = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(r))
+    return q, r, ok
+
+
+def _orth_or_keep(p, prev):
+    """The orthonormal factor of ``p`` (:func:`_cholqr3`), or ``prev`` where that broke down
+    (a rank-deficient ``p``): no data-dependent branch in the step."""
+    q, _, ok = _cholqr3(p)
+    return jnp.where(ok, q, prev)
 
 
 @jax.jit
 def orth(p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Reduced QR with ``diag(r) > 0`` by shifted CholeskyQR3, falling back to a Householder QR
-    (:func:`subspace_jax.linalg.qr_positive`) if it breaks down; float32, jittable.
+    """Reduced QR with ``diag(r) > 0`` by column-scaled shifted CholeskyQR3, falling back to a
+    Householder QR (:func:`subspace_jax.linalg.qr_positive`) if it breaks down; float32,
+    jittable. (Inside the training step, :func:`compress` and :func:`refresh_master` use the
+    same CholeskyQR3 without the branch: where it breaks down they keep the previous basis.)
 
     The QR with a positive diagonal is unique, so this returns what ``qr_positive`` returns
     (same sign convention, no flipped columns) for any full-column-rank ``p`` with condition
@@ -221,23 +250,73 @@ def orth(p: jax.Array) -> tuple[jax.Array, jax.Array]:
         the QR factorization of ill-conditioned matrices", SIAM J. Sci. Comput. 2020
         (arXiv 1809.11085).
     """
-    p = jnp.asarray(p, jnp.float32)
-    m, k = p.shape
-    shift = 11.0 * (m * k + k * (k + 1)) * float(jnp.finfo(jnp.float32).eps) * jnp.sum(p * p)
-    q, r1 = _chol_qr(p, shift)
-    q, r2 = _chol_qr(q)
-    q, r3 = _chol_qr(q)
-    r = jnp.matmul(r3, jnp.matmul(r2, r1, precision=_HI), precision=_HI)
-    ok = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(r))
+    q, r, ok = _cholqr3(p)
     return jax.lax.cond(ok, lambda: (q, r), lambda: linalg.qr_positive(p))
 
 
-def _gram_apply(xm, u):
-    m, n = xm.shape
+def _view3(x, n):
+    """``x`` seen as ``(prod(dims before n), dim_n, prod(dims after n))``: a reshape, no copy."""
+    s = x.shape
+    return x.reshape(math.prod(s[:n]), s[n], math.prod(s[n + 1:]))
+
+
+def _gram_apply(x, n, u):
+    """``X_(n) X_(n)^T u`` without forming the unfolding (no transpose of the full ``x``).
+
+    The first and last modes are plain matrices of ``x`` (a reshape); the cheaper of
+    ``(X X^T) u`` and ``X (X^T u)`` is used. A middle mode goes through its Gram matrix as a
+    batched product over the leading axes, which needs no transpose either.
+    """
+    pre, d, post = _view3(x, n).shape
     k = u.shape[1]
-    if 2 * n * k <= m * (n + k):
-        return jnp.matmul(xm, jnp.matmul(xm.T, u, precision=_HI), precision=_HI)
-    return jnp.matmul(jnp.matmul(xm, xm.T, precision=_HI), u, precision=_HI)
+    if pre == 1 or post == 1:
+        xm = x.reshape(d, post) if pre == 1 else x.reshape(pre, d)
+        other = post if pre == 1 else pre
+        gram_first = d * d * other + d * d * k <= 2 * d * other * k
+        if pre == 1:
+            if gram_first:
+                return jnp.matmul(jnp.matmul(xm, xm.T, precision=_HI), u, precision=_HI)
+            return jnp.matmul(xm, jnp.matmul(xm.T, u, precision=_HI), precision=_HI)
+        if gram_first:
+            return jnp.matmul(jnp.matmul(xm.T, xm, precision=_HI), u, precision=_HI)
+        return jnp.matmul(xm.T, jnp.matmul(xm, u, precision=_HI), precision=_HI)
+    x3 = _view3(x, n)
+    gram = jnp.sum(jnp.matmul(x3, jnp.swapaxes(x3, 1, 2), precision=_HI), axis=0)
+    return jnp.matmul(gram, u, precision=_HI)
+
+
+def _mode_dot(x, m, n):
+    """``x x_n m`` for ``m`` ``(J, dim_n)`` without moving axes of ``x``: a matrix product for
+    the first and last modes, a batched one (``m`` broadcast) for middle modes."""
+    s = x.shape
+    pre, d, post = _view3(x, n).shape
+    if pre == 1:
+        y = jnp.matmul(m, x.reshape(d, post), precision=_HI)
+    elif post == 1:
+        y = jnp.matmul(x.reshape(pre, d), m.T, precision=_HI)
+    else:
+        y = jnp.matmul(m[None], _view3(x, n), precision=_HI)
+    return y.reshape(s[:n] + (m.shape[0],) + s[n + 1:])
+
+
+def _cheapest_order(shape, ranks, modes):
+    """The order of ``modes`` in which successive mode products ``dim_n -> r_n`` cost the
+    fewest multiply-adds (host-side, over all permutations; at most 4 modes)."""
+    def cost(order):
+        dims, total = list(shape), 0
+        for n in order:
+            total += math.prod(dims) * ranks[n]
+            dims[n] = ranks[n]
+        return total
+    return min(itertools.permutations(modes), key=cost)
+
+
+def _project_modes(x, factors, modes):
+    """``x x_n U_n^T`` over ``modes``, in the cheapest order."""
+    ranks = {n: factors[n].shape[1] for n in modes}
+    for n in _cheapest_order(x.shape, ranks, modes):
+        x = _mode_dot(x, factors[n].T, n)
+    return x
 
 
 @jax.jit
@@ -246,7 +325,9 @@ def compress(x: jax.Array, factors_prev: Sequence[jax.Array]) -> linalg.Tucker:
     step ``U_n = orth(X_(n) X_(n)^T U_n_prev)`` from the original ``x``, then the core.
 
     The same maths and sign convention as :func:`subspace_jax.linalg.hosvd_step`, with the
-    orthonormalisation done by :func:`orth` (fast on CPU). Jittable; ranks from the shapes.
+    orthonormalisation done by :func:`orth` (fast on CPU), no unfolding of ``x`` ever
+    materialised (no full-size transposes) and the core's mode products in their cheapest
+    order. Jittable; ranks from the shapes.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -262,12 +343,34 @@ def compress(x: jax.Array, factors_prev: Sequence[jax.Array]) -> linalg.Tucker:
         WASI, Sec. 3.3 (activation subspace iteration), arXiv 2510.09160.
     """
     x = jnp.asarray(x, jnp.float32)
-    factors = tuple(orth(_gram_apply(linalg.unfold(x, n), jnp.asarray(u, jnp.float32)))[0]
-                    for n, u in enumerate(factors_prev))
-    core = x
-    for n, u in enumerate(factors):
-        core = linalg.mode_product(core, u.T, n)
-    return linalg.Tucker(core, factors)
+    factors = tuple(_orth_or_keep(_gram_apply(x, n, u), u)
+                    for n, u in enumerate(jnp.asarray(u, jnp.float32) for u in factors_prev))
+    return linalg.Tucker(_project_modes(x, factors, tuple(range(x.ndim))), factors)
+
+
+def core_gradient(core: jax.Array, factors: Sequence[jax.Array], g: jax.Array) -> jax.Array:
+    """``m = G_(d) (g x_1 U_1^T ... x_{d-1} U_{d-1}^T)_(d)^T``, ``(r_d, O)``: the Tucker
+    activation's kernel gradient is ``U_d @ m``, and for a factored kernel ``a @ b`` the
+    gradients are ``da = U_d (m b^T)`` and ``db = (a^T U_d) m``; all three share ``m``.
+
+    ``g`` is projected onto every non-feature basis (cheapest order first), then contracted
+    with the core: ``O(numel(g) r_1)`` instead of the ``O(numel(g) K)`` of forming
+    ``g @ b^T``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import linalg
+        >>> from subspace_jax.wasi import core
+        >>> x = jax.random.normal(jax.random.key(0), (3, 4, 5))
+        >>> g = jax.random.normal(jax.random.key(1), (3, 4, 2))
+        >>> t = linalg.hosvd(x, ranks=(3, 4, 5))                      # full ranks: exact
+        >>> m = core.core_gradient(t.core, t.factors, g)
+        >>> bool(jnp.allclose(t.factors[-1] @ m, jnp.einsum("bni,bno->io", x, g), atol=1e-4))
+        True
+    """
+    gp = _project_modes(jnp.asarray(g, jnp.float32), tuple(factors), tuple(range(core.ndim - 1)))
+    r_d = core.shape[-1]
+    return jnp.matmul(core.reshape(-1, r_d).T, gp.reshape(-1, gp.shape[-1]), precision=_HI)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +384,10 @@ class OpConfig:
     Attributes:
         variant: ``"factored"`` (gradients for ``a`` and ``b``) or ``"master"`` (a gradient
             for the full master kernel ``w``; ``a`` and ``b`` get zeros).
-        order: contraction order of the weight gradient (see :func:`tucker_weight_grad`).
+        order: contraction order of the weight gradient: ``"paper"`` follows the reference
+            code (:func:`tucker_weight_grad`, for the factored variant after forming
+            ``g @ b^T``); ``"auto"`` and ``"project"`` compute one :func:`core_gradient`
+            ``m`` and get ``da``, ``db`` (or ``dw``) from it by thin matmuls.
         name: the layer's path, for error messages.
         precision: of the forward and input-gradient matmuls.
         dot_general: computes the forward and input-gradient matmuls (None: lax's).
@@ -376,13 +482,22 @@ def _bwd(cfg, res, cts):
     dx = forms.dot(forms.dot(g, b.T, **kw), a.T, **kw)
     zeros = tuple(jnp.zeros_like(u) for u in factors)  # the state is float32, like these
     g32, a32, b32 = (jnp.asarray(v, jnp.float32) for v in (g, a, b))
+    if cfg.order == "paper":   # the reference code's contraction order, for comparison
+        if cfg.variant == "master":
+            dw = tucker_weight_grad(core, factors, g32, order="paper").astype(cfg.w_dtype)
+            return dx, dw, jnp.zeros_like(a), jnp.zeros_like(b), zeros
+        h = jnp.matmul(g32, b32.T, precision=_HI)
+        da = tucker_weight_grad(core, factors, h, order="paper")
+        feat = jnp.matmul(a32.T, factors[-1], precision=_HI)      # (K, r_d): x~ @ a's basis
+        db = tucker_weight_grad(core, factors[:-1] + (feat,), g32, order="paper")
+        return dx, None, da.astype(a.dtype), db.astype(b.dtype), zeros
+    m = core_gradient(core, factors, g32)                            # (r_d, O), shared
+    u_d = factors[-1]
     if cfg.variant == "master":
-        dw = tucker_weight_grad(core, factors, g32, order=cfg.order).astype(cfg.w_dtype)
+        dw = jnp.matmul(u_d, m, precision=_HI).astype(cfg.w_dtype)
         return dx, dw, jnp.zeros_like(a), jnp.zeros_like(b), zeros
-    h = jnp.matmul(g32, b32.T, precision=_HI)
-    da = tucker_weight_grad(core, factors, h, order=cfg.order)
-    feat = jnp.matmul(a32.T, factors[-1], precision=_HI)          # (K, r_d): x~ @ a's basis
-    db = tucker_weight_grad(core, factors[:-1] + (feat,), g32, order=cfg.order)
+    da = jnp.matmul(u_d, jnp.matmul(m, b32.T, precision=_HI), precision=_HI)
+    db = jnp.matmul(jnp.matmul(a32.T, u_d, precision=_HI), m, precision=_HI)
     return dx, None, da.astype(a.dtype), db.astype(b.dtype), zeros
 
 
@@ -394,13 +509,13 @@ wasi_matmul.defvjp(_fwd, _bwd)
 
 
 def _orth_near_orthonormal(p):
-    """CholeskyQR2 without shift: exact to float32 for the well-conditioned basis an optimizer
-    step leaves (``p^T p`` close to the identity); :func:`orth` if it breaks down."""
-    q, r1 = _chol_qr(p)
-    q, r2 = _chol_qr(q)
-    r = jnp.matmul(r2, r1, precision=_HI)
-    ok = jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(r))
-    return jax.lax.cond(ok, lambda: (q, r), lambda: orth(p))
+    """One CholeskyQR pass: exact to float32 for the well-conditioned basis an optimizer step
+    leaves (``p^T p`` close to the identity, so the orthogonality error is about
+    ``cond(p)^2 * eps``). No data-dependent branch: where the Cholesky factorisation breaks
+    down (a rank-deficient ``p``), ``p`` is returned unchanged with ``r = I``."""
+    q, r = _chol_qr(p)
+    ok = jnp.all(jnp.isfinite(r))
+    return jnp.where(ok, q, p), jnp.where(ok, r, jnp.eye(r.shape[0], dtype=r.dtype))
 
 
 @jax.jit
@@ -471,5 +586,6 @@ def refresh_master(w: jax.Array, b_prev: jax.Array) -> tuple[jax.Array, jax.Arra
         WASI, Algorithm 1, arXiv 2510.09160.
     """
     wt = jnp.asarray(w, jnp.float32).T
-    q, _ = orth(_gram_apply(wt, jnp.asarray(b_prev, jnp.float32).T))
+    prev = jnp.asarray(b_prev, jnp.float32).T
+    q = _orth_or_keep(_gram_apply(wt, 0, prev), prev)
     return jnp.matmul(wt.T, q, precision=_HI), q.T
