@@ -73,4 +73,5 @@ __all__ = (
     "rules",
     "select",
     "transforms",
+    "wasi",
 )
