@@ -5,8 +5,9 @@ an energy threshold (``b`` orthonormal: WASI's basis, refreshed every step by on
 warm-started subspace-iteration step) and, for backward, keeps only a Tucker core and
 per-mode factors of its input (refreshed every step by one warm-started step per mode) in a
 ``jax.custom_vjp``; the weight gradient is contracted from that compressed activation.
-Inference stays factored. Array maths in :mod:`subspace_jax.wasi.core` (the op, contractions,
-refreshes) and :mod:`subspace_jax.wasi.calibration` (rank table, knapsack); trees and NNX in
+Inference stays factored. Array maths in :mod:`subspace_jax.wasi.core` (the op, refreshes),
+:mod:`subspace_jax.wasi.tucker` (compression, gradient contractions, orthonormalisation)
+and :mod:`subspace_jax.wasi.calibration` (rank table, knapsack); trees and NNX in
 :mod:`subspace_jax.wasi.layers` (state, layer, tree functions, post-update, export) and
 :mod:`subspace_jax.wasi.convert` (calibrate and convert a model).
 
@@ -27,6 +28,7 @@ References:
 
 from subspace_jax.wasi import calibration as calibration
 from subspace_jax.wasi import core as core
+from subspace_jax.wasi import tucker as tucker
 from subspace_jax.wasi.calibration import EPS_GRID, RankOption, knapsack, rank_options
 from subspace_jax.wasi.convert import LayerPlan, convert, summary
 from subspace_jax.wasi.core import tucker_weight_grad, wasi_matmul
@@ -34,7 +36,7 @@ from subspace_jax.wasi.layers import (ATTENTION_PATTERN, MLP_PATTERN, Activation
                                       WasiKernel, WasiLinear, WeightBasis, export, factorize,
                                       orthonormalize, post_update)
 
-__all__ = ["calibration", "core", "EPS_GRID", "RankOption", "knapsack", "rank_options",
+__all__ = ["calibration", "core", "tucker", "EPS_GRID", "RankOption", "knapsack", "rank_options",
            "tucker_weight_grad", "wasi_matmul", "ATTENTION_PATTERN", "MLP_PATTERN",
            "ActivationBasis", "LayerPlan", "WasiKernel", "WasiLinear", "WeightBasis", "convert",
            "export", "factorize", "orthonormalize", "post_update", "summary"]
