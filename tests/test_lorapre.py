@@ -160,7 +160,8 @@ def test_adamw_leaves_are_bit_identical_to_optax_adamw():
             u_ref, s_ref = step(ref)(g, s_ref, params)
         for name in ("b", "small", "embed", "k3"):
             np.testing.assert_array_equal(u[name], u_ref[name], err_msg=name)
-        assert not np.array_equal(u["w"], u_ref["w"])
+        if i:  # step 1 equals Adam's in exact arithmetic (bit-equal on GPU); later ones differ
+            assert not np.array_equal(u["w"], u_ref["w"])
         params = optax.apply_updates(params, u)
 
 
