@@ -34,7 +34,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from subspace_jax import data, experiment, littlebit, pretrain, rules, train
@@ -64,17 +63,10 @@ def settings(bpw: float) -> dict:
 
 def perplexity(graphdef: nnx.GraphDef, params, rest, windows: np.ndarray,
                batch_size: int) -> float:
-    """exp(mean next-token NLL) over ``windows`` (``(N, T + 1)``), in fixed-size batches."""
-
-    def metrics(model, batch):
-        tokens = batch["tokens"]
-        nll = optax.softmax_cross_entropy_with_integer_labels(model(tokens[:, :-1]),
-                                                              tokens[:, 1:])
-        return {"nll": nll.sum(), "count": nll.size}
-
-    sums = train.evaluate(train.make_eval_step(graphdef, metrics), params, rest,
+    """exp(mean next-token NLL) over ``windows`` (``(N, T + 1)``), as pretraining measures it."""
+    sums = train.evaluate(train.make_eval_step(graphdef, pretrain.lm_metrics), params, rest,
                           {"tokens": windows}, batch_size=batch_size)
-    return math.exp(float(sums["nll"]) / float(sums["count"]))
+    return math.exp(float(sums["loss"]) / float(sums["count"]))
 
 
 def _corpus(checkpoint_dir: pathlib.Path, config: llama.LlamaConfig, *,

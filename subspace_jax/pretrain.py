@@ -31,7 +31,7 @@ from subspace_jax import checkpoint, data, train
 from subspace_jax.baselines import Run
 from subspace_jax.models import llama
 
-__all__ = ["LMConfig", "pretrain_lm", "train_lm", "lm_optimizer", "load_lm"]
+__all__ = ["LMConfig", "pretrain_lm", "train_lm", "lm_optimizer", "load_lm", "lm_metrics"]
 
 _QUICK_LM = dict(steps=40, batch_size=8, seq_len=64, max_bytes=300_000, vocab_size=512,
                  eval_batches=8, evals=2)
@@ -91,7 +91,23 @@ class LMConfig:
         return cls(quick=quick, **{**(_QUICK_LM if quick else {}), **overrides})
 
 
-def _lm_metrics(model: llama.Llama, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def lm_metrics(model: llama.Llama, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Summed next-token NLL and token count of a batch, padding rows (``weight`` 0) left out.
+
+    The metrics of :func:`subspace_jax.train.make_eval_step` for a decoder: the mean loss
+    is ``loss / count`` of :func:`subspace_jax.train.evaluate`'s sums.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from subspace_jax.models import llama
+        >>> model = llama.Llama(llama.LlamaConfig(vocab_size=8, dim=16, depth=1, heads=2),
+        ...                     rngs=nnx.Rngs(0))
+        >>> out = lm_metrics(model, {"tokens": jnp.ones((3, 5), jnp.int32),
+        ...                          "weight": jnp.array([1.0, 1.0, 0.0])})
+        >>> float(out["count"])  # two real rows of four predicted tokens
+        8.0
+    """
     tokens, weight = batch["tokens"], batch["weight"]
     nll = optax.softmax_cross_entropy_with_integer_labels(model(tokens[:, :-1]), tokens[:, 1:])
     return {"loss": (nll * weight[:, None]).sum(), "count": weight.sum() * nll.shape[1]}
@@ -165,7 +181,7 @@ def train_lm(cfg: LMConfig, *, tx: optax.GradientTransformation | None = None,
     graphdef, params, rest = train.split_model(llama.Llama(config, rngs=nnx.Rngs(cfg.seed)))
     tx = lm_optimizer(cfg) if tx is None else tx
     windows = data.lm_windows(corpus.val, cfg.seq_len)[:cfg.eval_batches * cfg.batch_size]
-    eval_step = train.make_eval_step(graphdef, _lm_metrics)
+    eval_step = train.make_eval_step(graphdef, lm_metrics)
 
     def evaluate(p, r) -> dict[str, float]:
         sums = train.evaluate(eval_step, p, r, {"tokens": windows}, batch_size=cfg.batch_size)
