@@ -18,3 +18,13 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 def key():
     """A fixed PRNG key; tests split it as they need."""
     return jax.random.key(0)
+
+
+@pytest.fixture
+def four_devices():
+    """Four devices for the sharding tests: the default backend's when it has four, else the
+    forced host CPU devices (a machine with one GPU still runs these tests, on its CPU)."""
+    devices = jax.devices()
+    if len(devices) < 4:
+        devices = jax.devices("cpu")
+    return devices[:4]

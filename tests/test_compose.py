@@ -180,7 +180,10 @@ def test_wasi_lorapre_checkpoint_reloads_and_resumes(wasi_runs, tmp_path):
     copies = lambda *t: jax.device_put(jax.tree.map(jnp.copy, t), device)  # noqa: E731
     a = step(*copies(run["params"], run["opt"], run["rest"]), batch, jax.random.key(9))
     b = step(*copies(run["params"], restored, run["rest"]), batch, jax.random.key(9))
-    assert _max_diff(a[0], b[0]) == 0.0 and _max_diff(a[1], b[1]) == 0.0
+    # bit for bit on CPU; a GPU's scatter-adds (the embedding gradient) use atomics, whose
+    # summation order changes from call to call
+    tol = 0.0 if jax.default_backend() == "cpu" else 1e-5
+    assert _max_diff(a[0], b[0]) <= tol and _max_diff(a[1], b[1]) <= tol
     assert len(run["traces"]) == 1 and _compiles(step) == 1
 
 

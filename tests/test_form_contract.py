@@ -207,8 +207,8 @@ def test_checkpoint_round_trip_exact(make, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sharded_matmul(make):
-    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+def test_sharded_matmul(make, four_devices):
+    mesh = Mesh(np.array(four_devices), ("data",))
     kernel = make(jax.random.key(0), SHAPE, jnp.float32)
     kernel = jax.device_put(kernel, NamedSharding(mesh, P()))
     x = jax.random.normal(jax.random.key(1), (8, SHAPE[0]))

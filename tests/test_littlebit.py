@@ -197,14 +197,14 @@ def test_jit_eval_shape_and_no_recompile(make):
     assert forms.nbytes(abstract) == kernel.nbytes and abstract.bits == kernel.bits
 
 
-def test_checkpoint_round_trip_and_sharded_matmul(make, tmp_path):
+def test_checkpoint_round_trip_and_sharded_matmul(make, tmp_path, four_devices):
     tree = {"layer": {"kernel": make(jax.random.key(0), SHAPE, jnp.float32), "bias": jnp.ones(12)}}
     restored = checkpoint.restore(checkpoint.save(tmp_path / "ckpt", tree), checkpoint.abstract(tree))
     assert jax.tree.structure(restored) == jax.tree.structure(tree)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    mesh = Mesh(np.array(four_devices), ("data",))
     kernel = jax.device_put(tree["layer"]["kernel"], NamedSharding(mesh, P()))
     x = jax.random.normal(jax.random.key(1), (8, SHAPE[0]))
     out = jax.jit(forms.matmul)(jax.device_put(x, NamedSharding(mesh, P("data"))), kernel)

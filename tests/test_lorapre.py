@@ -260,10 +260,10 @@ def test_map_params_and_bfloat16_dtype():
     assert low.mu["w"].B.dtype == jnp.float32
 
 
-def test_state_is_sharded_like_its_parameter():
+def test_state_is_sharded_like_its_parameter(four_devices):
     """Eager ``init`` places ``B`` along ``p`` and ``A`` along ``q`` like the parameter; a
     step jitted with the state's shardings as ``out_shardings`` keeps them (Auto mesh)."""
-    mesh = jax.make_mesh((2, 2), ("x", "y"), devices=jax.devices()[:4],
+    mesh = jax.make_mesh((2, 2), ("x", "y"), devices=four_devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
     specs = {"w": P("x", "y"), "b": P("y")}
     params = {"w": jnp.ones((32, 16)), "b": jnp.zeros(16)}

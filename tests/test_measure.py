@@ -216,13 +216,13 @@ def test_flops_sub_jaxprs_cond_while_and_calls():
     assert loop.matmul == one and loop.has_while
 
 
-def test_flops_conv_and_shard_map():
+def test_flops_conv_and_shard_map(four_devices):
     n, c, o, s, k = 2, 3, 5, 8, 3
     conv = flops(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME"),
                  _normal(0, (n, c, s, s)), _normal(1, (o, c, k, k)))
     assert conv.conv == 2 * (n * o * s * s) * c * k * k and conv.matmul == 0
 
-    mesh = jax.make_mesh((4,), ("x",))
+    mesh = jax.make_mesh((4,), ("x",), devices=four_devices)
     x = jax.device_put(_normal(0, (16, 8)), NamedSharding(mesh, P("x")))
     w = jax.device_put(_normal(1, (8, 4)), NamedSharding(mesh, P()))
     sharded = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("x"), P()),
