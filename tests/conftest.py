@@ -28,3 +28,20 @@ def four_devices():
     if len(devices) < 4:
         devices = jax.devices("cpu")
     return devices[:4]
+
+
+@pytest.fixture(scope="session")
+def counting():
+    """``fn, traces = counting(loss_fn)``: ``fn`` is ``loss_fn`` plus a list that grows by one
+    at every trace (once per compile of a jitted caller)."""
+
+    def wrap(loss_fn):
+        traces = []
+
+        def wrapped(*args):
+            traces.append(1)
+            return loss_fn(*args)
+
+        return wrapped, traces
+
+    return wrap

@@ -51,17 +51,6 @@ def _compiles(jitted) -> int:
     return jitted._cache_size()
 
 
-def _counting(loss_fn):
-    """``loss_fn`` plus a list that grows by one at every trace (once per compile)."""
-    traces = []
-
-    def wrapped(*args):
-        traces.append(1)
-        return loss_fn(*args)
-
-    return wrapped, traces
-
-
 def _max_diff(a, b) -> float:
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
                                                                jax.tree.leaves(b)))
@@ -116,7 +105,7 @@ def _reload(tmp_path, name, tree):
 # --- WASI + LoRA-Pre --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def wasi_runs():
+def wasi_runs(counting):
     """One WASI model trained by LoRA-Pre (rank 4) and by Adam, on committed arrays (as
     restored checkpoints are, so that resuming reuses the compiled step)."""
     inputs = _tokens(1)
@@ -125,7 +114,7 @@ def wasi_runs():
     batches = [{"tokens": inputs}] * STEPS
     runs = {}
     for name, tx in (("lorapre", lorapre.lorapre(LR, rank=4)), ("adam", optax.adam(LR, **ADAM))):
-        loss, traces = _counting(lambda m, b, k: llama.lm_loss(m, b["tokens"]))
+        loss, traces = counting(lambda m, b, k: llama.lm_loss(m, b["tokens"]))
         step = train.make_train_step(graphdef, loss, tx, post_update=wasi.post_update)
         p, r = jax.tree.map(jnp.copy, (params, rest))  # the step donates them
         state = jax.device_put((p, train.init_optimizer(tx, p), r), jax.devices()[0])
@@ -228,9 +217,10 @@ def test_nsn_then_littlebit_is_littlebit_of_the_truncated_factors(nsn_littlebit)
     assert all(k.rank > r and bool(jnp.isfinite(k.materialize()).all()) for k in wide)
 
 
-def test_nsn_littlebit_evaluates_in_one_compile_and_reloads_packed(nsn_littlebit, tmp_path):
+def test_nsn_littlebit_evaluates_in_one_compile_and_reloads_packed(nsn_littlebit, tmp_path,
+                                                                   counting):
     c = nsn_littlebit
-    forward, traces = _counting(lambda p, x: nnx.merge(c["plain_graph"], p, c["plain_rest"])(x))
+    forward, traces = counting(lambda p, x: nnx.merge(c["plain_graph"], p, c["plain_rest"])(x))
     forward = jax.jit(forward)
     packed = littlebit.deploy(c["compressed"])
     outs = [forward(packed, _tokens(s)) for s in (4, 5, 6)]
@@ -257,7 +247,7 @@ def _matrix_dims(params):
 
 
 @pytest.fixture(scope="module")
-def qat_runs():
+def qat_runs(counting):
     teacher = _model()
     student = littlebit.compress_model(teacher, rules.Rule(pattern="blocks/.*kernel"), bpw=4.0,
                                        strict=False, itq_iters=5)
@@ -267,7 +257,7 @@ def qat_runs():
     dims = dict(weight_dimension_numbers=_matrix_dims)
     for name, tx in (("lorapre", lorapre.lorapre(LR, rank=4, **dims)),
                      ("adam", optax.adam(LR, **ADAM))):
-        loss, traces = _counting(qat.lm_loss_fn(tgraph))
+        loss, traces = counting(qat.lm_loss_fn(tgraph))
         step, params, opt, rest, mask, graphdef = qat.setup(student, loss, tx)
         out = _run(step, params, opt, rest, batches)
         runs[name] = dict(zip(("params", "opt", "rest", "losses", "first"), out),

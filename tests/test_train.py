@@ -26,22 +26,11 @@ def _mse(model, batch, key):
     return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
 
 
-def _counting(loss_fn):
-    """``loss_fn`` plus a Python counter of how often it is traced (once per compile)."""
-    traces = []
-
-    def wrapped(*args):
-        traces.append(1)
-        return loss_fn(*args)
-
-    return wrapped, traces
-
-
-def test_fit_reduces_loss_without_recompiling(key):
+def test_fit_reduces_loss_without_recompiling(key, counting):
     x, y = _regression(key)
     graphdef, params, rest = train.split_model(nnx.Linear(8, 2, rngs=nnx.Rngs(0)))
     tx = train.adamw(1e-1, 60, warmup=5)
-    loss, traces = _counting(_mse)
+    loss, traces = counting(_mse)
     step = train.make_train_step(graphdef, loss, tx)
     batches = ({"x": x[i % 4 * 16:][:16], "y": y[i % 4 * 16:][:16]} for i in range(60))
     params, _, _, hist = train.fit(step, params, train.init_optimizer(tx, params), rest,
@@ -79,7 +68,7 @@ def _unit_rows(params, rest):
     return params, rest
 
 
-def test_toy_method_state_hook_and_integer_leaf_through_fit(key):
+def test_toy_method_state_hook_and_integer_leaf_through_fit(key, counting):
     x, y = _regression(key)
     model = _ToyMethod()
     graphdef, params, rest = train.split_model(model)
@@ -91,7 +80,7 @@ def test_toy_method_state_hook_and_integer_leaf_through_fit(key):
         err = model(batch["x"]) - batch["y"]
         return jnp.mean(err ** 2), {"count": model.count[...].astype(jnp.float32)}
 
-    loss, traces = _counting(loss_fn)
+    loss, traces = counting(loss_fn)
     tx = optax.adam(1e-2)
     opt_state = train.init_optimizer(tx, params, mask)
     assert opt_state[0].mu["table"].get_value() is None  # no optimizer state for it
