@@ -1,6 +1,6 @@
 """NSN on MiniLM: one model fine-tuned on pydoc topics, read at any rank of its MLP Linears.
 
-    python experiments/nested_finetune.py                 # the recorded run (results/nested.json)
+    python experiments/nested_finetune.py --epochs 2      # the recorded run (results/nested.json)
     python experiments/nested_finetune.py --quick         # minutes: subsets, few steps
     subspace-jax bench nested [--size tiny|small|full]    # SIZES below, rows by bench_rows
 
@@ -8,7 +8,8 @@ Trains, with the same steps, batch and seed: full fine-tuning (dense), one NSN m
 Linears converted at R = 384, anchor + one sampled rank per step, learned log-variances,
 curriculum), and specialists converted and trained at fixed ranks. Reports accuracy against
 rank for NSN, for plain SVD truncation of the fine-tuned dense model and for the
-specialists; cost fractions under three denominators; forward latency per rank measured
+specialists, with McNemar's exact test of NSN against SVD truncation on the same test texts
+at each rank; cost fractions under three denominators; forward latency per rank measured
 round robin beside the dense model (and one Linear alone); nesting (principal angles);
 component energies; the learned log-variances. Writes ``results/nested[_quick].json``,
 ``.png`` (accuracy against FLOPs and latency), ``_analysis.png`` and ``.md`` (the README
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,7 +46,7 @@ SIZES: dict[str, list[str]] = {
     # the quick budget (40 steps of 16, 256 val/test texts), one specialist: minutes
     "small": ["--quick", "--specialists", "153", "--ranks", "8,48,96,153,256,384",
               "--latency-repeats", "3"],
-    "full": [],
+    "full": ["--epochs", "2"],
 }
 
 
@@ -150,6 +152,42 @@ def _sweep(graph, arrays, ranks, val_ranks):
     return rows
 
 
+def _correct(graph, split, ranks, batch_size: int = 64) -> dict[int, str]:
+    """Per-text correctness on ``split`` at each traced rank, as a string of 0/1 (one
+    compilation, plus one for a last partial batch): the paired test below needs it."""
+    graphdef, params, rest = graph
+
+    @jax.jit
+    def predict(params, rest, batch):
+        logits = baselines._logits(nnx.merge(graphdef, params, rest), batch, deterministic=True)
+        return jnp.argmax(logits, axis=-1)
+
+    n, out = len(split["labels"]), {}
+    for r in ranks:
+        state = nested.set_rank(rest, r)
+        preds = np.concatenate([np.asarray(predict(params, state, {
+            k: jnp.asarray(v[i:i + batch_size]) for k, v in split.items() if k != "labels"}))
+            for i in range(0, n, batch_size)])
+        out[r] = "".join("1" if hit else "0" for hit in preds == np.asarray(split["labels"]))
+    return out
+
+
+def mcnemar(a: str, b: str) -> dict[str, float]:
+    """Exact two-sided McNemar test of two classifiers on the same texts (0/1 strings):
+    texts only ``a`` gets right, only ``b`` gets right, and the binomial p-value of that
+    split under "equally accurate".
+
+    Examples:
+        >>> mcnemar("1100", "0111")
+        {'only_a': 1, 'only_b': 2, 'p_value': 1.0}
+    """
+    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b, strict=True))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b, strict=True))
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"only_a": only_a, "only_b": only_b, "p_value": p}
+
+
 def _reuse(args, reused, eval_ranks):
     """The dense, SVD-truncation and specialist sections of ``reused``, checked and labelled."""
     svd_ranks = {row["rank"] for row in reused["svd_truncation"]["sweep"]}
@@ -204,7 +242,8 @@ def main(argv=None) -> int:
         out["dense"] = _summary(dense)
         out["svd_truncation"] = {
             "max_abs_logit_difference_at_R": float(jnp.abs(logits["dense"] - logits["svd"]).max()),
-            "sweep": _sweep(train.split_model(svd_model), arrays, eval_ranks, headline)}
+            "sweep": _sweep(train.split_model(svd_model), arrays, eval_ranks, headline),
+            "test_correct": _correct(train.split_model(svd_model), arrays["test"], eval_ranks)}
         print("SVD truncation swept", flush=True)
     else:
         out.update(_reuse(args, reused, eval_ranks))
@@ -227,7 +266,9 @@ def main(argv=None) -> int:
         "log_variances": dict(zip(map(str, grid), np.asarray(model.nsn.log_var[...]).tolist())),
         "history": {k: run.result["history"]["metrics"][k] for k in
                     ("ce_anchor", "ce_variant", "variant_rank", "s_anchor", "s_variant")},
-        "sweep": _sweep((run.graphdef, run.params, run.rest), arrays, eval_ranks, headline)}
+        "sweep": _sweep((run.graphdef, run.params, run.rest), arrays, eval_ranks, headline),
+        "test_correct": _correct((run.graphdef, run.params, run.rest), arrays["test"],
+                                 eval_ranks)}
     for row in out["nested"]["sweep"]:
         row["trained"] = row["rank"] in grid
         row["sampled"] = row["rank"] in out["nested"]["sampled_ranks"] or row["rank"] == top
@@ -319,6 +360,7 @@ def main(argv=None) -> int:
         "svd_test_accuracy": svd[half]["test_accuracy"],
         "beats_svd_below_full": {str(r): nsn[r]["test_accuracy"] > svd[r]["test_accuracy"]
                                  for r in below},
+        "paired_vs_svd": _paired(out, below),
         "largest_drop_with_rank": max(0.0, *(a - b for a, b in zip(accs, accs[1:]))),
         "binomial_noise_sd": noise}
     out["total_seconds"] = time.perf_counter() - start
@@ -331,6 +373,15 @@ def main(argv=None) -> int:
     print(f"wrote {path}, {path.with_suffix('.png').name}, {path.stem}_analysis.png, "
           f"{path.with_suffix('.md').name}")
     return 0
+
+
+def _paired(out, ranks) -> dict[str, dict[str, float]]:
+    """McNemar's exact test of NSN against SVD truncation at each rank, on the test texts
+    (``only_a``: texts only NSN gets right); empty when a section has no per-text record
+    (one reused from an older result)."""
+    nsn = {int(r): v for r, v in out["nested"].get("test_correct", {}).items()}
+    svd = {int(r): v for r, v in out["svd_truncation"].get("test_correct", {}).items()}
+    return {str(r): mcnemar(nsn[r], svd[r]) for r in ranks if r in nsn and r in svd}
 
 
 def _plots(path, out):
@@ -383,15 +434,19 @@ def _table(out, name):
                 f"{(out['reused']['git_commit'] or '?')[:7]}); latency measured against the "
                 f"pretrained dense model (same shapes)."] if "reused" in out else []),
              "", "| rank | MLP FLOPs | model FLOPs | NSN test acc | SVD-trunc. test acc | "
-             "latency vs dense |", "|---:|---:|---:|---:|---:|---:|"]
+             "texts only NSN / only SVD right (McNemar p) | latency vs dense |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    paired = head.get("paired_vs_svd", {})
     for r in sorted(nsn):
         f = out["costs"]["by_rank"].get(str(r))
         t = lat.get(r)
+        m = paired.get(str(r))
+        pair = "-" if m is None else f"{m['only_a']} / {m['only_b']} ({m['p_value']:.2g})"
         lines.append(f"| {r}{' (50%)' if r == head['rank'] else ''} | "
                      f"{f['mlp']:.2f} | {f['model']:.2f} | {nsn[r]['test_accuracy']:.3f} | "
-                     f"{svd[r]['test_accuracy']:.3f} | "
+                     f"{svd[r]['test_accuracy']:.3f} | {pair} | "
                      f"{'-' if t is None else format(t['ratio_to_dense'], '.2f') + 'x'} |"
-                     if f else f"| {r} | - | - | {nsn[r]['test_accuracy']:.3f} | - | - |")
+                     if f else f"| {r} | - | - | {nsn[r]['test_accuracy']:.3f} | - | - | - |")
     lines += ["", f"Dense fine-tuning: test accuracy {out['dense']['test_accuracy']:.3f}. "
               f"NSN at 50% of the dense-MLP FLOPs (rank {head['rank']}): "
               f"{head['nested_test_accuracy']:.3f}, {head['loss_points']:.1f} points below its "

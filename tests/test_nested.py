@@ -381,7 +381,7 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     from subspace_jax.nested import bench
 
     script = _script("nested_finetune")
-    assert set(script.SIZES) == {"tiny", "small", "full"} and script.SIZES["full"] == []
+    assert set(script.SIZES) == {"tiny", "small", "full"} and script.SIZES["full"] == ["--epochs", "2"]
     argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--name", "nested",
                                    "--no-progress"]
     assert script.main(argv) == 0
@@ -392,6 +392,11 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     assert all(a < 1e-3 for a in result["nesting"]["max_angle_degrees"][
         "bert/encoder/layers/0/mlp/up"].values())
     assert (tmp_path / "nested.png").stat().st_size > 0 and (tmp_path / "nested.md").exists()
+    paired, n = result["headline"]["paired_vs_svd"], len(result["nested"]["test_correct"]["1"])
+    assert set(paired) == {"1", "48", "153"}
+    nsn, svd = (_by_rank_acc(result[k]["sweep"]) for k in ("nested", "svd_truncation"))
+    for r, m in paired.items():  # the per-text record agrees with the accuracies
+        assert m["only_a"] - m["only_b"] == round(n * (nsn[int(r)] - svd[int(r)]))
     keys = {"method", "run", "baseline", "quality", "memory_ratio", "flops_ratio", "time_ratio",
             "what"}
     rows = script.bench_rows(result)
@@ -406,6 +411,20 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     live = script.demo_rows(budget, progress=False)
     assert [r["method"] for r in live] == ["NSN r384 (max)", "NSN r153 (50% MLP)", "NSN r48"]
     assert all(0 <= r["test_accuracy"] <= 1 and r["step_seconds"] > 0 for r in live)
+
+
+def _by_rank_acc(rows):
+    return {row["rank"]: row["test_accuracy"] for row in rows}
+
+
+def test_mcnemar_exact():
+    mcnemar = _script("nested_finetune").mcnemar
+    assert mcnemar("1010", "1010") == {"only_a": 0, "only_b": 0, "p_value": 1.0}
+    assert mcnemar("000000", "111111") == {"only_a": 0, "only_b": 6, "p_value": 2 / 64}
+    a, b = "1101101110011", "0110011101110"
+    assert mcnemar(a, b)["p_value"] == mcnemar(b, a)["p_value"]
+    with pytest.raises(ValueError):
+        mcnemar("10", "1")
 
 
 def test_reuse_refuses_other_settings():
