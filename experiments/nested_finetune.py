@@ -19,6 +19,7 @@ table with this command).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -59,6 +60,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of every run")
     p.add_argument("--nested-lr", type=float, help="peak learning rate of the NSN run only "
                    "(default: --lr)")
+    p.add_argument("--warm-start", type=float, default=0.0,
+                   help="share of the steps spent fine-tuning the dense model before it is "
+                        "converted; NSN trains the remaining steps, so the total stays the "
+                        "dense run's (default 0: NSN converts the pretrained model)")
     p.add_argument("--seed", type=int)
     p.add_argument("--train-limit", type=int)
     p.add_argument("--eval-limit", type=int)
@@ -250,17 +255,27 @@ def main(argv=None) -> int:
 
     # 2. one NSN model over the rank grid
     grid = _ints(args.grid, nested.core.rank_grid(top, steps=args.grid_steps))
-    method = bench.nested_method(steps, grid=grid, curriculum=args.curriculum,
+    warm_steps = round(args.warm_start * steps)
+    method = bench.nested_method(steps - warm_steps, grid=grid, curriculum=args.curriculum,
                                  log_var_lr=args.log_var_lr)
-    _, run = _train(args, method, "nested", progress,
-                    **({} if args.nested_lr is None else {"lr": args.nested_lr}))
-    if run.result["steps"] != steps:
-        raise ValueError(f"NSN ran {run.result['steps']} steps, the dense run {steps}")
+    if warm_steps:  # dense fine-tuning first, then NSN from that model: same total steps
+        _, warm = _train(args, None, "full", progress, steps=warm_steps)
+        warm_model, convert = nnx.merge(warm.graphdef, warm.params, warm.rest), method.convert
+        method = dataclasses.replace(
+            method, convert=lambda model, cfg, key: convert(nnx.clone(warm_model), cfg, key))
+    overrides = {"steps": steps - warm_steps} if warm_steps else {}
+    if args.nested_lr is not None:
+        overrides["lr"] = args.nested_lr
+    _, run = _train(args, method, "nested", progress, **overrides)
+    if warm_steps + run.result["steps"] != steps:
+        raise ValueError(f"NSN ran {warm_steps} + {run.result['steps']} steps, the dense run "
+                         f"{steps}")
     model = nnx.merge(run.graphdef, run.params, run.rest)
     sampled = run.result["history"]["metrics"]["variant_rank"]
     ranks_seen, counts = np.unique(np.asarray(sampled, int), return_counts=True)
     out["nested"] = {
-        **_summary(run), "grid": list(grid), "curriculum_steps": int(args.curriculum * steps),
+        **_summary(run), "warm_start_steps": warm_steps, "grid": list(grid),
+        "curriculum_steps": int(args.curriculum * (steps - warm_steps)),
         "log_var_lr": args.log_var_lr,
         "sampled_ranks": {int(r): int(c) for r, c in zip(ranks_seen, counts)},
         "log_variances": dict(zip(map(str, grid), np.asarray(model.nsn.log_var[...]).tolist())),

@@ -383,9 +383,11 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     script = _script("nested_finetune")
     assert set(script.SIZES) == {"tiny", "small", "full"} and script.SIZES["full"] == ["--epochs", "2"]
     argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--name", "nested",
-                                   "--no-progress"]
-    assert script.main(argv) == 0
+                                   "--no-progress", "--warm-start", "0.34"]
+    assert script.main(argv) == 0  # (subspace-jax bench runs it without --warm-start)
     result = json.loads((tmp_path / "nested.json").read_text())
+    # 1 of the 3 steps fine-tunes the dense model, NSN trains the other 2 from it
+    assert result["nested"]["warm_start_steps"] == 1 and result["nested"]["steps"] == 2
     assert [row["rank"] for row in result["nested"]["sweep"]] == [1, 48, 153, 384]
     assert result["svd_truncation"]["max_abs_logit_difference_at_R"] < 1e-4
     assert result["headline"]["rank"] == 153 and set(result["specialists"]) == {"4"}
