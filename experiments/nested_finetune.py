@@ -217,6 +217,9 @@ def _by_rank(rows):
 def main(argv=None) -> int:
     """Run the benchmark (see the module docstring); returns the exit status."""
     args = parse(argv)
+    if not 0 <= args.warm_start < 1:
+        raise ValueError(f"--warm-start {args.warm_start}: the share of the steps that "
+                         f"fine-tune the dense model before NSN must be in [0, 1)")
     progress = not args.no_progress
     start = time.perf_counter()
     eval_ranks = _ints(args.ranks, EVAL_RANKS)
@@ -256,6 +259,9 @@ def main(argv=None) -> int:
     # 2. one NSN model over the rank grid
     grid = _ints(args.grid, nested.core.rank_grid(top, steps=args.grid_steps))
     warm_steps = round(args.warm_start * steps)
+    if warm_steps >= steps:
+        raise ValueError(f"--warm-start {args.warm_start}: {warm_steps} of the {steps} steps "
+                         f"fine-tune the dense model, which leaves NSN none")
     method = bench.nested_method(steps - warm_steps, grid=grid, curriculum=args.curriculum,
                                  log_var_lr=args.log_var_lr)
     if warm_steps:  # dense fine-tuning first, then NSN from that model: same total steps

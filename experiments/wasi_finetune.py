@@ -152,6 +152,8 @@ def methods(sweep: list[float], attention: bool, energies: list[float] = (),
     out += [wasi_method(energy=e, name=f"wasi_w{e:g}") for e in energies]
     out.append(wasi_method(variant="master", name="wasi_master"))
     for lr in lrs:     # WASI's own learning rate (LoRA has its own too), picked on val
+        if not lr > 0:
+            raise ValueError(f"--wasi-lr {lr:g}: a learning rate must be positive")
         out += [wasi_method(lr=lr, quick_lr=lr, name=f"wasi_lr{lr:g}"),
                 wasi_method(activation_eps=None, lr=lr, quick_lr=lr,
                             name=f"wasi_knap_lr{lr:g}"),

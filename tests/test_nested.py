@@ -429,6 +429,15 @@ def test_mcnemar_exact():
         mcnemar("10", "1")
 
 
+def test_warm_start_outside_its_range_is_a_clear_error(tmp_path):
+    script = _script("nested_finetune")
+    argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--no-progress"]
+    with pytest.raises(ValueError, match=r"--warm-start 1.0: .* must be in \[0, 1\)"):
+        script.main(argv + ["--warm-start", "1.0"])          # refused before any training
+    with pytest.raises(ValueError, match=r"--warm-start 0.9: 3 of the 3 steps"):
+        script.main(argv + ["--warm-start", "0.9"])          # rounds to every step
+
+
 def test_reuse_refuses_other_settings():
     import argparse
     from pathlib import Path

@@ -408,15 +408,32 @@ def test_convert_with_budget_uses_the_table():
 
 # --- the experiment script ----------------------------------------------------------------------
 
-def test_experiment_script_smoke(tmp_path):
+def _wasi_script():
     import importlib.util
-    import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "experiments" / "wasi_finetune.py"
     spec = importlib.util.spec_from_file_location("wasi_finetune", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_wasi_lr_runs_carry_their_lr_and_bad_lr_is_refused():
+    script = _wasi_script()
+    runs = {m.name: m for m in script.methods([], False, (), [1e-4])}
+    for name in ("wasi_lr0.0001", "wasi_knap_lr0.0001", "wasi_master_lr0.0001"):
+        assert runs[name].lr == runs[name].quick_lr == 1e-4
+    assert runs["wasi"].lr == 1e-4 and runs["full"].lr == 5e-5   # picked on val; vanilla's
+    assert script._label("wasi_knap_lr0.0001").endswith("knapsack activations (5%), lr 0.0001")
+    with pytest.raises(ValueError, match=r"--wasi-lr 0: a learning rate must be positive"):
+        script.methods([], False, (), [0.0])
+
+
+def test_experiment_script_smoke(tmp_path):
+    import json
+
+    script = _wasi_script()
     argv = ["--steps", "2", "--num-layers", "1", "--batch-size", "4", "--max-length", "16",
             "--train-limit", "32", "--eval-limit", "8", "--evals", "1", "--repeats", "1",
             "--only", "full", "wasi_knap", "--no-progress", "--results-dir", str(tmp_path)]
