@@ -1,7 +1,9 @@
 """Test configuration shared by every test module.
 
 Four forced CPU devices (for sharding tests), strict dtype promotion (a silent
-float32/bfloat16 mix is a bug), and fixed seeds through ``jax.random.key(n)``.
+float32/bfloat16 mix is a bug), float32 matmuls at full precision (a GPU's default TF32
+would break the exact checks; no change on CPU), and fixed seeds through
+``jax.random.key(n)``.
 """
 
 import os
@@ -12,6 +14,7 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
