@@ -383,6 +383,7 @@ def main(argv=None) -> int:
                                  for r in below},
         "paired_vs_svd": _paired(out, below),
         "largest_drop_with_rank": max(0.0, *(a - b for a, b in zip(accs, accs[1:]))),
+        "largest_decline": largest_decline(out["nested"]),
         "binomial_noise_sd": noise}
     out["total_seconds"] = time.perf_counter() - start
     name = args.name or "nested" + ("_quick" if args.quick else "")
@@ -394,6 +395,31 @@ def main(argv=None) -> int:
     print(f"wrote {path}, {path.with_suffix('.png').name}, {path.stem}_analysis.png, "
           f"{path.with_suffix('.md').name}")
     return 0
+
+
+def largest_decline(section: dict) -> dict | None:
+    """The largest fall in test accuracy from a lower to a higher rank of one sweep, any two
+    ranks apart (not only neighbours), with McNemar's exact test of the two ranks on the
+    same texts when the section keeps per-text records; None if accuracy never falls.
+
+    Examples:
+        >>> sweep = [{"rank": 1, "test_accuracy": 0.5}, {"rank": 2, "test_accuracy": 0.75},
+        ...          {"rank": 4, "test_accuracy": 0.5}, {"rank": 8, "test_accuracy": 1.0}]
+        >>> largest_decline({"sweep": sweep, "test_correct": {"2": "1110", "4": "1100"}})
+        {'low': 2, 'high': 4, 'points': 25.0, 'only_low': 1, 'only_high': 0, 'p_value': 1.0}
+    """
+    acc = {row["rank"]: row["test_accuracy"] for row in section["sweep"]}
+    ranks = sorted(acc)
+    falls = [(acc[lo] - acc[hi], lo, hi) for i, lo in enumerate(ranks) for hi in ranks[i + 1:]]
+    fall, low, high = max(falls, default=(0.0, None, None))
+    if fall <= 0:
+        return None
+    out = {"low": low, "high": high, "points": 100 * fall}
+    correct = section.get("test_correct", {})
+    if str(low) in correct and str(high) in correct:
+        test = mcnemar(correct[str(low)], correct[str(high)])
+        out.update(only_low=test["only_a"], only_high=test["only_b"], p_value=test["p_value"])
+    return out
 
 
 def _paired(out, ranks) -> dict[str, dict[str, float]]:
@@ -473,6 +499,12 @@ def _table(out, name):
               f"{head['nested_test_accuracy']:.3f}, {head['loss_points']:.1f} points below its "
               f"own full rank ({head['nested_test_accuracy_at_R']:.3f}); SVD truncation there: "
               f"{head['svd_test_accuracy']:.3f}."]
+    fall = head.get("largest_decline")
+    if fall:
+        test = (f" (texts only r{fall['low']} / only r{fall['high']} right: {fall['only_low']} / "
+                f"{fall['only_high']}, McNemar p {fall['p_value']:.2g})" if "p_value" in fall else "")
+        lines.append(f"Largest fall in NSN accuracy as rank rises: {fall['points']:.1f} points, "
+                     f"r{fall['low']} to r{fall['high']}{test}.")
     for r, s in out["specialists"].items():
         own = _by_rank(s["sweep"])[int(r)]
         lines.append(f"Specialist r{r}: test accuracy {own['test_accuracy']:.3f} "

@@ -429,6 +429,19 @@ def test_mcnemar_exact():
         mcnemar("10", "1")
 
 
+def test_largest_decline_spans_any_two_ranks_and_is_paired():
+    decline = _script("nested_finetune").largest_decline
+    rows = lambda *accs: [{"rank": 2 ** i, "test_accuracy": a} for i, a in enumerate(accs)]
+    assert decline({"sweep": rows(0.2, 0.4, 0.4, 0.9)}) is None        # never falls
+    # two neighbour falls of 0.1 add up to 0.2 between ranks 2 and 8
+    fall = decline({"sweep": rows(0.1, 0.6, 0.5, 0.4, 0.7),
+                    "test_correct": {"2": "11111100", "8": "11000011"}})
+    assert (fall["low"], fall["high"], fall["only_low"], fall["only_high"]) == (2, 8, 4, 2)
+    assert fall["points"] == pytest.approx(20.0)
+    assert fall["p_value"] == pytest.approx(2 * (1 + 6 + 15) / 64)
+    assert "p_value" not in decline({"sweep": rows(0.5, 0.25)})          # no per-text record
+
+
 def test_warm_start_outside_its_range_is_a_clear_error(tmp_path):
     script = _script("nested_finetune")
     argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--no-progress"]
