@@ -400,13 +400,18 @@ def main(argv=None) -> int:
 def largest_decline(section: dict) -> dict | None:
     """The largest fall in test accuracy from a lower to a higher rank of one sweep, any two
     ranks apart (not only neighbours), with McNemar's exact test of the two ranks on the
-    same texts when the section keeps per-text records; None if accuracy never falls.
+    same texts when the section keeps per-text records; None if accuracy never falls. The
+    pair is the worst of ``pairs`` compared, so ``p_bonferroni`` (p times pairs, at most 1)
+    is the p-value that accounts for having picked it.
 
     Examples:
         >>> sweep = [{"rank": 1, "test_accuracy": 0.5}, {"rank": 2, "test_accuracy": 0.75},
         ...          {"rank": 4, "test_accuracy": 0.5}, {"rank": 8, "test_accuracy": 1.0}]
-        >>> largest_decline({"sweep": sweep, "test_correct": {"2": "1110", "4": "1100"}})
-        {'low': 2, 'high': 4, 'points': 25.0, 'only_low': 1, 'only_high': 0, 'p_value': 1.0}
+        >>> fall = largest_decline({"sweep": sweep, "test_correct": {"2": "1110", "4": "1100"}})
+        >>> fall["low"], fall["high"], fall["points"], fall["pairs"]
+        (2, 4, 25.0, 6)
+        >>> fall["only_low"], fall["only_high"], fall["p_value"], fall["p_bonferroni"]
+        (1, 0, 1.0, 1.0)
     """
     acc = {row["rank"]: row["test_accuracy"] for row in section["sweep"]}
     ranks = sorted(acc)
@@ -414,11 +419,12 @@ def largest_decline(section: dict) -> dict | None:
     fall, low, high = max(falls, default=(0.0, None, None))
     if fall <= 0:
         return None
-    out = {"low": low, "high": high, "points": 100 * fall}
+    out = {"low": low, "high": high, "points": 100 * fall, "pairs": len(falls)}
     correct = section.get("test_correct", {})
     if str(low) in correct and str(high) in correct:
         test = mcnemar(correct[str(low)], correct[str(high)])
-        out.update(only_low=test["only_a"], only_high=test["only_b"], p_value=test["p_value"])
+        out.update(only_low=test["only_a"], only_high=test["only_b"], p_value=test["p_value"],
+                   p_bonferroni=min(1.0, test["p_value"] * len(falls)))
     return out
 
 
@@ -502,7 +508,9 @@ def _table(out, name):
     fall = head.get("largest_decline")
     if fall:
         test = (f" (texts only r{fall['low']} / only r{fall['high']} right: {fall['only_low']} / "
-                f"{fall['only_high']}, McNemar p {fall['p_value']:.2g})" if "p_value" in fall else "")
+                f"{fall['only_high']}, McNemar p {fall['p_value']:.2g}; the worst of "
+                f"{fall['pairs']} pairs: Bonferroni p {fall['p_bonferroni']:.2g})"
+                if "p_value" in fall else "")
         lines.append(f"Largest fall in NSN accuracy as rank rises: {fall['points']:.1f} points, "
                      f"r{fall['low']} to r{fall['high']}{test}.")
     for r, s in out["specialists"].items():

@@ -439,6 +439,7 @@ def test_largest_decline_spans_any_two_ranks_and_is_paired():
     assert (fall["low"], fall["high"], fall["only_low"], fall["only_high"]) == (2, 8, 4, 2)
     assert fall["points"] == pytest.approx(20.0)
     assert fall["p_value"] == pytest.approx(2 * (1 + 6 + 15) / 64)
+    assert fall["pairs"] == 10 and fall["p_bonferroni"] == 1.0        # the worst of 10 pairs
     assert "p_value" not in decline({"sweep": rows(0.5, 0.25)})          # no per-text record
 
 
