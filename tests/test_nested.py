@@ -381,7 +381,7 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     from subspace_jax.nested import bench
 
     script = _script("nested_finetune")
-    assert set(script.SIZES) == {"tiny", "small", "full"} and script.SIZES["full"] == ["--epochs", "2"]
+    assert set(script.SIZES) == {"tiny", "small", "full"} and script.SIZES["full"] == ["--epochs", "4"]
     argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--name", "nested",
                                    "--no-progress", "--warm-start", "0.34"]
     assert script.main(argv) == 0  # (subspace-jax bench runs it without --warm-start)
@@ -405,7 +405,7 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     assert [set(r) for r in rows] == [keys] * 4 and rows[0]["run"].startswith("NSN r153")
     assert 0 < rows[-1]["memory_ratio"] and rows[-1]["flops_ratio"] > 1  # two passes a step
     assert rows[1]["time_ratio"] > 0 and rows[0]["time_ratio"] is None  # r153 not timed
-    assert script.RECORDED["nested.json"] is bench.recorded_rows
+    assert script.RECORDED["nested_4ep.json"] is bench.recorded_rows
     rows = bench.recorded_rows(result)
     assert [r["method"] for r in rows] == ["NSN r384", "NSN r153", "NSN r48", "SVD trunc. r153"]
     budget = demo.Budget(steps=2, settings=dict(num_layers=1, batch_size=4, max_length=16,
@@ -440,6 +440,9 @@ def test_largest_decline_spans_any_two_ranks_and_is_paired():
     assert fall["points"] == pytest.approx(20.0)
     assert fall["p_value"] == pytest.approx(2 * (1 + 6 + 15) / 64)
     assert fall["pairs"] == 10 and fall["p_bonferroni"] == 1.0        # the worst of 10 pairs
+    in_process = decline({"sweep": rows(0.1, 0.6, 0.5, 0.4, 0.7),     # int keys before JSON
+                          "test_correct": {2: "11111100", 8: "11000011"}})
+    assert in_process == fall
     assert "p_value" not in decline({"sweep": rows(0.5, 0.25)})          # no per-text record
 
 

@@ -256,7 +256,7 @@ def bench_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     FLOPs (the two runs' step times were not measured side by side, so no time ratio).
 
     Examples:
-        >>> rows = bench_rows(json.load(open("results/nested.json")))  # doctest: +SKIP
+        >>> rows = bench_rows(json.load(open("results/nested_4ep.json")))  # doctest: +SKIP
         >>> rows[0]["run"]  # doctest: +SKIP
         'NSN r153 (50% dense-MLP FLOPs)'
     """
@@ -290,10 +290,10 @@ def bench_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def recorded_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Demo rows from ``results/nested.json``: NSN at full, 50%-MLP and low rank, SVD at 50%.
+    """Demo rows from a recorded result: NSN at full, 50%-MLP and low rank, SVD at 50%.
 
     Examples:
-        >>> recorded_rows(json.load(open("results/nested.json")))  # doctest: +SKIP
+        >>> recorded_rows(json.load(open("results/nested_4ep.json")))  # doctest: +SKIP
     """
     rows = []
     for label, key in (("NSN", "nested"), ("SVD trunc.", "svd_truncation")):
