@@ -391,6 +391,8 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     assert [row["rank"] for row in result["nested"]["sweep"]] == [1, 48, 153, 384]
     assert result["svd_truncation"]["max_abs_logit_difference_at_R"] < 1e-4
     assert result["headline"]["rank"] == 153 and set(result["specialists"]) == {"4"}
+    fall = result["headline"]["largest_decline"]  # paired from the in-process records
+    assert fall is None or fall["pairs"] == 6 and "p_value" in fall
     assert all(a < 1e-3 for a in result["nesting"]["max_angle_degrees"][
         "bert/encoder/layers/0/mlp/up"].values())
     assert (tmp_path / "nested.png").stat().st_size > 0 and (tmp_path / "nested.md").exists()
