@@ -409,7 +409,9 @@ def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     assert rows[1]["time_ratio"] > 0 and rows[0]["time_ratio"] is None  # r153 not timed
     assert script.RECORDED["nested_4ep.json"] is bench.recorded_rows
     rows = bench.recorded_rows(result)
-    assert [r["method"] for r in rows] == ["NSN r384", "NSN r153", "NSN r48", "SVD trunc. r153"]
+    assert [r["method"] for r in rows] == [  # 1 warm-start step + 2 NSN steps; dense: 3
+        "NSN r384 (3 steps)", "NSN r153 (3 steps)", "NSN r48 (3 steps)",
+        "SVD trunc. r153 (3 steps)"]
     budget = demo.Budget(steps=2, settings=dict(num_layers=1, batch_size=4, max_length=16,
                                                 train_limit=32, eval_limit=8, evals=1))
     live = script.demo_rows(budget, progress=False)

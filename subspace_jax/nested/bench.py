@@ -292,14 +292,20 @@ def bench_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
 def recorded_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Demo rows from a recorded result: NSN at full, 50%-MLP and low rank, SVD at 50%.
 
+    Each label carries its run's training steps (NSN's include a dense warm start; SVD
+    truncation's are the dense run's), since recorded runs of other methods may differ.
+
     Examples:
         >>> recorded_rows(json.load(open("results/nested_4ep.json")))  # doctest: +SKIP
     """
+    nsn = result["nested"]
+    steps = {"nested": nsn["steps"] + nsn.get("warm_start_steps", 0),
+             "svd_truncation": result["dense"]["steps"]}
     rows = []
     for label, key in (("NSN", "nested"), ("SVD trunc.", "svd_truncation")):
         by_rank = {row["rank"]: row for row in result[key]["sweep"]}
         chosen = result["headline"]["ranks"] if key == "nested" else [result["headline"]["rank"]]
         for r in chosen:
             if r in by_rank:
-                rows.append(_row(f"{label} r{r}", result[key], by_rank[r]))
+                rows.append(_row(f"{label} r{r} ({steps[key]} steps)", result[key], by_rank[r]))
     return rows
