@@ -421,9 +421,9 @@ def largest_decline(section: dict) -> dict | None:
     if fall <= 0:
         return None
     out = {"low": low, "high": high, "points": 100 * fall, "pairs": len(falls)}
-    correct = {str(r): v for r, v in section.get("test_correct", {}).items()}  # int in-process
-    if str(low) in correct and str(high) in correct:
-        test = mcnemar(correct[str(low)], correct[str(high)])
+    correct = {int(r): v for r, v in section.get("test_correct", {}).items()}  # str in JSON
+    if low in correct and high in correct:
+        test = mcnemar(correct[low], correct[high])
         out.update(only_low=test["only_a"], only_high=test["only_b"], p_value=test["p_value"],
                    p_bonferroni=min(1.0, test["p_value"] * len(falls)))
     return out

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from subspace_jax import forms, measure, nested, rules, train
+from subspace_jax import experiment, forms, measure, nested, rules, train
 from subspace_jax.models import bert
 from subspace_jax.nested import core
 
@@ -363,24 +363,13 @@ def test_attach_and_grid_errors():
 
 # --- the benchmark script and demo rows (real MiniLM, one layer, a few steps) ------------
 
-def _script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_script_and_demo_rows_smoke(tmp_path):
     import json
 
     from subspace_jax import demo
     from subspace_jax.nested import bench
 
-    script = _script("nested_finetune")
+    script = experiment.load_script("nested_finetune")
     assert set(script.SIZES) == {"tiny", "small", "full"} and script.SIZES["full"] == ["--epochs", "4"]
     argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--name", "nested",
                                    "--no-progress", "--warm-start", "0.34"]
@@ -424,7 +413,7 @@ def _by_rank_acc(rows):
 
 
 def test_mcnemar_exact():
-    mcnemar = _script("nested_finetune").mcnemar
+    mcnemar = experiment.load_script("nested_finetune").mcnemar
     assert mcnemar("1010", "1010") == {"only_a": 0, "only_b": 0, "p_value": 1.0}
     assert mcnemar("000000", "111111") == {"only_a": 0, "only_b": 6, "p_value": 2 / 64}
     a, b = "1101101110011", "0110011101110"
@@ -434,7 +423,7 @@ def test_mcnemar_exact():
 
 
 def test_largest_decline_spans_any_two_ranks_and_is_paired():
-    decline = _script("nested_finetune").largest_decline
+    decline = experiment.load_script("nested_finetune").largest_decline
     rows = lambda *accs: [{"rank": 2 ** i, "test_accuracy": a} for i, a in enumerate(accs)]
     assert decline({"sweep": rows(0.2, 0.4, 0.4, 0.9)}) is None        # never falls
     # two neighbour falls of 0.1 add up to 0.2 between ranks 2 and 8
@@ -451,7 +440,7 @@ def test_largest_decline_spans_any_two_ranks_and_is_paired():
 
 
 def test_warm_start_outside_its_range_is_a_clear_error(tmp_path):
-    script = _script("nested_finetune")
+    script = experiment.load_script("nested_finetune")
     argv = script.SIZES["tiny"] + ["--results-dir", str(tmp_path), "--no-progress"]
     with pytest.raises(ValueError, match=r"--warm-start 1.0: .* must be in \[0, 1\)"):
         script.main(argv + ["--warm-start", "1.0"])          # refused before any training
@@ -463,7 +452,7 @@ def test_reuse_refuses_other_settings():
     import argparse
     from pathlib import Path
 
-    script = _script("nested_finetune")
+    script = experiment.load_script("nested_finetune")
     reused = {"command": "x", "dense": {"lr": 2e-4, "steps": 5}, "specialists": {},
               "svd_truncation": {"sweep": [{"rank": 8}, {"rank": 16}]}}
     args = argparse.Namespace(lr=2e-4, reuse=Path("old.json"))

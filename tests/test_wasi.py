@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from subspace_jax import checkpoint, forms, linalg, measure, rules, train, wasi
+from subspace_jax import checkpoint, experiment, forms, linalg, measure, rules, train, wasi
 from subspace_jax.wasi import calibration, core
 
 
@@ -408,19 +408,8 @@ def test_convert_with_budget_uses_the_table():
 
 # --- the experiment script ----------------------------------------------------------------------
 
-def _wasi_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "wasi_finetune.py"
-    spec = importlib.util.spec_from_file_location("wasi_finetune", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_wasi_lr_runs_carry_their_lr_and_bad_lr_is_refused():
-    script = _wasi_script()
+    script = experiment.load_script("wasi_finetune")
     runs = {m.name: m for m in script.methods([], False, (), [1e-4])}
     for name in ("wasi_lr0.0001", "wasi_knap_lr0.0001", "wasi_master_lr0.0001"):
         assert runs[name].lr == runs[name].quick_lr == 1e-4
@@ -433,7 +422,7 @@ def test_wasi_lr_runs_carry_their_lr_and_bad_lr_is_refused():
 def test_experiment_script_smoke(tmp_path):
     import json
 
-    script = _wasi_script()
+    script = experiment.load_script("wasi_finetune")
     argv = ["--steps", "2", "--num-layers", "1", "--batch-size", "4", "--max-length", "16",
             "--train-limit", "32", "--eval-limit", "8", "--evals", "1", "--repeats", "1",
             "--only", "full", "wasi_knap", "--no-progress", "--results-dir", str(tmp_path)]
