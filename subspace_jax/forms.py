@@ -34,8 +34,10 @@ consumes kernels never needs to branch on their type.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
@@ -47,7 +49,7 @@ from subspace_jax import linalg
 
 Array = jax.Array
 
-__all__ = ["KernelForm", "LowRank", "matmul", "materialize", "nbytes", "flops", "is_form",
+__all__ = ["KernelForm", "Fold", "fold_kernel", "collect", "emit", "absorb", "LowRank", "matmul", "materialize", "nbytes", "flops", "is_form",
            "dot", "promote", "stop_gradient", "FROZEN_NAME"]
 
 #: ``checkpoint_name`` given to frozen parameters that a form reads behind
@@ -55,11 +57,134 @@ __all__ = ["KernelForm", "LowRank", "matmul", "materialize", "nbytes", "flops", 
 FROZEN_NAME = "frozen parameter"
 
 
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """How an N-D kernel folds into the ``(in, out)`` matrix a form factors.
+
+    ``in_axes`` are the kernel axes that contract with the input, in the order they are
+    merged into the matrix's rows; the other axes, in kernel order, are merged into its
+    columns. A ``DenseGeneral``/``LinearGeneral`` kernel ``(in, heads, head_dim)`` folds with
+    ``in_axes=(0,)`` into ``(in, heads * head_dim)``; its output projection
+    ``(heads, head_dim, out)`` with ``in_axes=(0, 1)``; a Gemma-style ``Einsum`` weight
+    ``(heads, d, head_dim)`` (``"BTD,NDH->BTNH"``) with ``in_axes=(1,)``.
+
+    Attributes:
+        shape: the N-D kernel's shape.
+        in_axes: non-negative kernel axes that contract with the input.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> f = forms.Fold(shape=(4, 6, 3), in_axes=(1,))
+        >>> f.matrix_shape, f.out_axes
+        ((6, 12), (0, 2))
+        >>> w = jnp.arange(72.0).reshape(4, 6, 3)
+        >>> bool((f.unfold(f.fold(w)) == w).all())
+        True
+    """
+
+    shape: tuple[int, ...]
+    in_axes: tuple[int, ...]
+
+    def __post_init__(self):
+        shape = tuple(int(d) for d in self.shape)
+        if isinstance(self.in_axes, (int, np.integer)):
+            object.__setattr__(self, "in_axes", (int(self.in_axes),))
+        axes = tuple(int(a) % len(shape) if -len(shape) <= int(a) < len(shape) else None
+                     for a in self.in_axes) if shape else ()
+        if not shape or None in axes or len(set(axes)) != len(axes) or not axes \
+                or len(axes) == len(shape):
+            raise ValueError(f"in_axes={tuple(self.in_axes)!r} must name distinct axes of a "
+                             f"kernel of shape {shape}, at least one and not all")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "in_axes", axes)
+
+    @property
+    def out_axes(self) -> tuple[int, ...]:
+        """The kernel axes merged into the columns, in kernel order."""
+        return tuple(a for a in range(len(self.shape)) if a not in self.in_axes)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """The sizes of ``in_axes``."""
+        return tuple(self.shape[a] for a in self.in_axes)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The sizes of ``out_axes``."""
+        return tuple(self.shape[a] for a in self.out_axes)
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(prod(in_shape), prod(out_shape))``."""
+        return (int(np.prod(self.in_shape)), int(np.prod(self.out_shape)))
+
+    @property
+    def trivial(self) -> bool:
+        """A 2-D ``(in, out)`` kernel: folding changes nothing."""
+        return len(self.shape) == 2 and self.in_axes == (0,)
+
+    def fold(self, kernel: Array) -> Array:
+        """The ``(in, out)`` matrix of an N-D ``kernel`` of :attr:`shape`."""
+        if tuple(kernel.shape) != self.shape:
+            raise ValueError(f"kernel of shape {tuple(kernel.shape)} does not fold as {self}")
+        return jnp.transpose(kernel, self.in_axes + self.out_axes).reshape(self.matrix_shape)
+
+    def unfold(self, matrix: Array) -> Array:
+        """The N-D kernel of an ``(in, out)`` ``matrix`` (inverse of :meth:`fold`)."""
+        perm = self.in_axes + self.out_axes
+        inverse = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+        return jnp.reshape(matrix, self.in_shape + self.out_shape).transpose(inverse)
+
+
+def fold_kernel(kernel: Array, in_axes: int | tuple[int, ...] | None) -> tuple[Array, Fold | None]:
+    """``(matrix, fold)``: the ``(in, out)`` matrix of a kernel and how to unfold it.
+
+    A 2-D kernel with ``in_axes`` None or ``(0,)`` is its own matrix (``fold`` None). An
+    N-D kernel needs ``in_axes`` (see :class:`Fold`).
+
+    Raises:
+        ValueError: an N-D kernel without ``in_axes``, or ``in_axes`` that do not fit.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> m, f = forms.fold_kernel(jnp.ones((8, 2, 4)), in_axes=(0,))
+        >>> m.shape, f.shape
+        ((8, 8), (8, 2, 4))
+        >>> forms.fold_kernel(jnp.ones((8, 4)), None)[1] is None
+        True
+    """
+    shape = tuple(int(d) for d in getattr(kernel, "shape", ()))
+    if in_axes is None:
+        if len(shape) != 2:
+            raise ValueError(
+                f"a {len(shape)}-D kernel of shape {shape} needs in_axes (the kernel axes "
+                "that contract with the input): set in_axes on the rule, e.g. (0,) for a "
+                "DenseGeneral/LinearGeneral q/k/v kernel (in, heads, head_dim), (0, 1) for "
+                "its output projection (heads, head_dim, out), or let adopt()/convert() "
+                "record them from the model (subspace_jax.nn.kernel_axes)")
+        in_axes = (0,)
+    fold = Fold(shape, in_axes if isinstance(in_axes, tuple) else (in_axes,))
+    if fold.trivial:
+        return kernel, None
+    return fold.fold(kernel), fold
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelForm(abc.ABC):
     """The protocol every kernel form follows (see the module docstring).
 
     Subclasses are frozen dataclasses registered with
-    ``jax.tree_util.register_dataclass``; their array fields are pytree leaves.
+    ``jax.tree_util.register_dataclass``; their array fields are pytree leaves. A form
+    factors an ``(in, out)`` matrix (:attr:`matrix_shape`, :meth:`matrix`, :meth:`matmul`);
+    when it stands for an N-D kernel (``DenseGeneral``/``LinearGeneral``/``Einsum``) its
+    static :attr:`fold` says how that kernel folds into the matrix, :attr:`shape` is the
+    kernel's N-D shape and :meth:`materialize` returns the N-D kernel.
+
+    Attributes:
+        fold: None for a plain 2-D ``(in, out)`` kernel, else the :class:`Fold` of the
+            N-D kernel this form stands for (static, keyword-only).
 
     Examples:
         >>> import jax.numpy as jnp
@@ -67,21 +192,37 @@ class KernelForm(abc.ABC):
         >>> k = forms.LowRank(a=jnp.ones((6, 2)), b=jnp.ones((2, 4)))
         >>> isinstance(k, forms.KernelForm), k.shape
         (True, (6, 4))
+        >>> k3 = forms.LowRank(jnp.ones((6, 2)), jnp.ones((2, 4)), fold=forms.Fold((6, 2, 2), (0,)))
+        >>> k3.shape, k3.matrix_shape, k3.materialize().shape
+        ((6, 2, 2), (6, 4), (6, 2, 2))
     """
+
+    fold: Fold | None = dataclasses.field(default=None, kw_only=True,
+                                          metadata=dict(static=True))
 
     @property
     @abc.abstractmethod
-    def shape(self) -> tuple[int, int]:
-        """Logical ``(in_features, out_features)`` of the dense kernel."""
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(in, out)`` of the matrix the form factors (the folded kernel)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The kernel's logical shape: :attr:`matrix_shape`, or the N-D shape of :attr:`fold`."""
+        return self.fold.shape if self.fold is not None else self.matrix_shape
+
+    @abc.abstractmethod
+    def matrix(self) -> Array:
+        """The dense ``(in, out)`` matrix (the folded kernel)."""
+
+    def materialize(self) -> Array:
+        """The dense kernel this form stands for, in its original (N-D) shape."""
+        m = self.matrix()
+        return m if self.fold is None else self.fold.unfold(m)
 
     @property
     @abc.abstractmethod
     def dtype(self) -> Any:
         """The dtype of ``materialize()`` and of ``matmul`` outputs for same-dtype inputs."""
-
-    @abc.abstractmethod
-    def materialize(self) -> Array:
-        """The dense ``(in, out)`` kernel this form stands for."""
 
     #: Names of array fields that are carried but never trained (no gradient, no
     #: optimizer state). Integer and bool fields never train whatever this says.
@@ -90,10 +231,14 @@ class KernelForm(abc.ABC):
     @abc.abstractmethod
     def matmul(self, x: Array, *, dtype: Any = None, precision: Any = None,
                dot_general: Callable | None = None) -> Array:
-        """``x @ kernel`` over the last axis of ``x``, never forming the dense kernel.
+        """``x @ matrix`` over the last axis of ``x``, never forming the dense matrix.
+
+        An N-D kernel's input axes are folded into the last axis of ``x`` by the caller
+        (:func:`subspace_jax.nn.form_call`), and the output's last axis is the folded
+        output axes.
 
         Args:
-            x: ``(..., in_features)`` input.
+            x: ``(..., in)`` input (``in = matrix_shape[0]``).
             dtype: compute dtype (None: the common dtype of ``x`` and the factors).
             precision: passed to every contraction.
             dot_general: called for every contraction (see :func:`dot`); None means
@@ -113,6 +258,16 @@ class KernelForm(abc.ABC):
     def bits(self) -> int:
         """Bits this form stores: ``8 * nbytes``; a form that packs bits overrides it."""
         return 8 * self.nbytes
+
+    @property
+    def state_key(self) -> str | None:
+        """The key under which a form that refreshes state in its forward :func:`emit`\ s it
+        (WASI's activation bases); None for forms without such state."""
+        return None
+
+    def absorb(self, value: Any) -> "KernelForm":
+        """This form with the state it emitted under :attr:`state_key` put back."""
+        raise TypeError(f"{type(self).__name__} carries no per-step state")
 
 
 def _leaf_nbytes(x: Any) -> int:
@@ -262,8 +417,9 @@ class LowRank(KernelForm):
         eps: float | None = None,
         split: float = 0.5,
         dtype: Any = None,
+        in_axes: int | tuple[int, ...] | None = None,
     ) -> "LowRank":
-        """Factor a dense ``(in, out)`` kernel by truncated SVD.
+        """Factor a dense ``(in, out)`` (or N-D, folded) kernel by truncated SVD.
 
         With ``kernel = U diag(s) V^T`` truncated to ``K`` terms,
         ``a = U diag(s**split)`` and ``b = diag(s**(1 - split)) V^T``. ``split=0.5``
@@ -279,6 +435,8 @@ class LowRank(KernelForm):
             split: exponent in ``[0, 1]`` of the singular values given to ``a``.
             dtype: dtype of the factors (default: the kernel's dtype). The SVD is
                 computed in float32.
+            in_axes: for an N-D kernel, the axes that contract with the input (see
+                :class:`Fold`); the folded matrix is factored and ``fold`` recorded.
 
         Returns:
             A :class:`LowRank` whose product is the best rank-``K`` approximation
@@ -301,11 +459,12 @@ class LowRank(KernelForm):
         """
         if not 0.0 <= float(split) <= 1.0:
             raise ValueError(f"split must be in [0, 1], got {split}")
-        u, s, vt = linalg.truncated_svd(kernel, rank, eps=eps)
+        matrix, fold = fold_kernel(kernel, in_axes)
+        u, s, vt = linalg.truncated_svd(matrix, rank, eps=eps)
         out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(kernel.dtype)
         a = (u * s[None, :] ** split).astype(out_dtype)
         b = (s[:, None] ** (1.0 - split) * vt).astype(out_dtype)
-        return cls(a=a, b=b)
+        return cls(a=a, b=b, fold=fold)
 
     @property
     def rank(self) -> int:
@@ -313,14 +472,14 @@ class LowRank(KernelForm):
         return int(self.a.shape[1])
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def matrix_shape(self) -> tuple[int, int]:
         return (int(self.a.shape[0]), int(self.b.shape[1]))
 
     @property
     def dtype(self) -> Any:
         return jnp.result_type(self.a.dtype, self.b.dtype)
 
-    def materialize(self) -> Array:
+    def matrix(self) -> Array:
         return jnp.matmul(self.a, self.b)
 
     def matmul(self, x: Array, *, dtype: Any = None, precision: Any = None,
@@ -334,7 +493,7 @@ class LowRank(KernelForm):
         return _leaf_nbytes(self.a) + _leaf_nbytes(self.b)
 
     def flops(self, tokens: int) -> int:
-        fan_in, fan_out = self.shape
+        fan_in, fan_out = self.matrix_shape
         return 2 * int(tokens) * self.rank * (fan_in + fan_out)
 
 
@@ -416,5 +575,62 @@ def flops(kernel: Any, tokens: int) -> int:
     """
     if is_form(kernel):
         return kernel.flops(tokens)
-    fan_in, fan_out = kernel.shape
-    return 2 * int(tokens) * int(fan_in) * int(fan_out)
+    return 2 * int(tokens) * int(np.prod(kernel.shape))
+
+
+_EMITTED = threading.local()
+
+
+@contextlib.contextmanager
+def collect() -> Iterator[dict[str, Any]]:
+    """Collect what forms :func:`emit` during the block: ``{state_key: value}``.
+
+    A form whose forward refreshes state (WASI's activation bases) cannot return it through
+    the model's own code, so it emits it; the shared train step collects it inside the
+    differentiated function, returns it alongside the loss and :func:`absorb`\ s it into the
+    new parameters. Outside any block, :func:`emit` does nothing (evaluation).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> with forms.collect() as got:
+        ...     forms.emit("mlp/up/kernel", jnp.ones(2))
+        >>> sorted(got)
+        ['mlp/up/kernel']
+    """
+    stack = _EMITTED.__dict__.setdefault("stack", [])
+    found: dict[str, Any] = {}
+    stack.append(found)
+    try:
+        yield found
+    finally:
+        stack.pop()
+
+
+def emit(key: str, value: Any) -> None:
+    """Hand refreshed per-step state to the innermost :func:`collect` block, if any."""
+    stack = getattr(_EMITTED, "stack", None)
+    if stack:
+        if key in stack[-1]:
+            raise ValueError(f"two forms emitted state under {key!r}: give each its own "
+                             "state_key (one layer called twice in one step is not supported)")
+        stack[-1][key] = value
+
+
+def absorb(tree: Any, emitted: dict[str, Any]) -> Any:
+    """``tree`` with every form whose :attr:`KernelForm.state_key` is in ``emitted`` updated.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> forms.absorb({"k": jnp.ones(2)}, {})["k"].shape
+        (2,)
+    """
+    if not emitted:
+        return tree
+
+    def one(leaf):
+        key = leaf.state_key if is_form(leaf) else None
+        return leaf.absorb(emitted[key]) if key in emitted else leaf
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=is_form)

@@ -56,7 +56,8 @@ class LoRA(forms.KernelForm):
     frozen_fields = ("w",)
 
     @classmethod
-    def init(cls, key: jax.Array, w: jax.Array, *, rank: int, alpha: float | None = None) -> "LoRA":
+    def init(cls, key: jax.Array, w: jax.Array, *, rank: int, alpha: float | None = None,
+             in_axes: int | tuple[int, ...] | None = None) -> "LoRA":
         """Wrap ``w`` with a rank-``rank`` adapter (Kaiming-uniform ``a``, zero ``b``).
 
         Args:
@@ -64,32 +65,37 @@ class LoRA(forms.KernelForm):
             w: dense ``(in, out)`` kernel.
             rank: adapter rank, ``1 <= rank <= min(in, out)``.
             alpha: scaling numerator (``scale = alpha / rank``); default ``rank`` (scale 1).
+            in_axes: for an N-D kernel, the axes that contract with the input
+                (:class:`subspace_jax.forms.Fold`); ``w`` is stored as its folded matrix.
 
         Raises:
-            ValueError: for a non-2-D ``w`` or a rank out of range.
+            ValueError: for a kernel of fewer than 2 axes, an N-D kernel without
+                ``in_axes``, or a rank out of range.
         """
-        if getattr(w, "ndim", None) != 2:
-            raise ValueError(f"expected a 2-D (in, out) kernel, got shape {tuple(jnp.shape(w))}")
+        if getattr(w, "ndim", 0) < 2:
+            raise ValueError(f"expected an (in, out) or N-D kernel, got shape {tuple(jnp.shape(w))}")
+        w, fold = forms.fold_kernel(w, in_axes)
         if not isinstance(rank, int) or not 1 <= rank <= min(w.shape):
             raise ValueError(f"LoRA rank must be an int in [1, {min(w.shape)}] for {w.shape}, got {rank!r}")
         bound = (1.0 / w.shape[0]) ** 0.5
         a = jax.random.uniform(key, (w.shape[0], rank), jnp.float32, -bound, bound).astype(w.dtype)
         b = jnp.zeros((rank, w.shape[1]), w.dtype)
-        return cls(w=w, a=a, b=b, scale=float(alpha if alpha is not None else rank) / rank)
+        return cls(w=w, a=a, b=b, scale=float(alpha if alpha is not None else rank) / rank,
+                   fold=fold)
 
     @property
     def rank(self) -> int:
         return int(self.a.shape[1])
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def matrix_shape(self) -> tuple[int, int]:
         return (int(self.w.shape[0]), int(self.w.shape[1]))
 
     @property
     def dtype(self) -> Any:
         return self.w.dtype
 
-    def materialize(self) -> jax.Array:
+    def matrix(self) -> jax.Array:
         delta = jnp.matmul(self.a, self.b) * jnp.asarray(self.scale, self.a.dtype)
         return self.w + delta.astype(self.w.dtype)
 
@@ -106,7 +112,7 @@ class LoRA(forms.KernelForm):
         return sum(forms.nbytes(x) for x in (self.w, self.a, self.b))
 
     def flops(self, tokens: int) -> int:
-        fan_in, fan_out = self.shape
+        fan_in, fan_out = self.matrix_shape
         return 2 * int(tokens) * (fan_in * fan_out + self.rank * (fan_in + fan_out))
 
 
@@ -159,6 +165,7 @@ def add_lora(
     def wrap(path: str, kernel: Any, rule: rules_lib.Rule) -> LoRA:
         if not isinstance(rule, LoRARule):
             raise TypeError(f"add_lora needs LoRARule rules, got {type(rule).__name__}")
-        return LoRA.init(jax.random.fold_in(key, next(counter)), kernel, rank=rule.rank, alpha=rule.alpha)
+        return LoRA.init(jax.random.fold_in(key, next(counter)), kernel, rank=rule.rank,
+                         alpha=rule.alpha, in_axes=rule.in_axes)
 
     return rules_lib.apply(tree, rules, wrap, allow_unused=allow_unused)

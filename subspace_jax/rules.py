@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,6 +29,7 @@ from flax import nnx
 from subspace_jax import forms
 
 __all__ = [
+    "MLP_PATTERN",
     "Rule",
     "Match",
     "Selection",
@@ -40,6 +41,20 @@ __all__ = [
 ]
 
 
+#: The one default selection of every method: each kernel inside a module named ``mlp`` at
+#: any depth (``mlp/up/kernel``, ``blocks/0/mlp/gate/kernel``, ``mlp/layers/0/kernel``), by
+#: path segment, so ``mlp_norm`` and attention stay as they are.
+MLP_PATTERN = r"(.*/)?mlp/(.*/)?kernel"
+
+
+def _axes_tuple(value: Any, where: str) -> tuple[int, ...]:
+    axes = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(axes, tuple) or not axes or not all(
+            isinstance(a, int) and not isinstance(a, bool) for a in axes):
+        raise ValueError(f"{where} must be an int or a non-empty tuple of ints, got {value!r}")
+    return axes
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
     """One selection rule. Subclass it to attach method settings.
@@ -49,6 +64,12 @@ class Rule:
         skip: claim the matching leaves but leave them untouched (an exclusion
             placed before broader rules, e.g. ``Rule(pattern='.*head.*', skip=True)``).
         optional: matching nothing is not an error for this rule.
+        in_axes: for N-D kernels, the kernel axes that contract with the layer's input
+            (see :class:`subspace_jax.forms.Fold`): one tuple for every matched kernel, or
+            a mapping from kernel path to tuple (e.g. from
+            :func:`subspace_jax.nn.kernel_axes`). None: a 2-D kernel is ``(in, out)``, and
+            an N-D kernel uses the ``in_axes`` metadata that :func:`subspace_jax.nn.adopt`
+            records on its Variable.
 
     Examples:
         >>> from subspace_jax import rules
@@ -65,10 +86,17 @@ class Rule:
     skip: bool = False
     # Do not raise when this rule matches nothing.
     optional: bool = False
+    # Kernel axes contracted with the input, for N-D kernels (a tuple, or {path: tuple}).
+    in_axes: Any = None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
             raise TypeError(f"Rule.pattern must be a str regex, got {type(self.pattern).__name__}")
+        if isinstance(self.in_axes, Mapping):
+            object.__setattr__(self, "in_axes", {
+                str(k): _axes_tuple(v, f"in_axes[{k!r}]") for k, v in self.in_axes.items()})
+        elif self.in_axes is not None:
+            object.__setattr__(self, "in_axes", _axes_tuple(self.in_axes, "in_axes"))
         try:
             re.compile(self.pattern)
         except re.error as e:
@@ -77,6 +105,24 @@ class Rule:
     def matches(self, path: str) -> bool:
         """Whether ``pattern`` fully matches ``path``."""
         return re.fullmatch(self.pattern, path) is not None
+
+    def axes_for(self, path: str, metadata: Mapping[str, Any] | None = None
+                 ) -> tuple[int, ...] | None:
+        """The ``in_axes`` of the kernel at ``path``: the rule's, else the Variable's metadata.
+
+        Examples:
+            >>> from subspace_jax import rules
+            >>> rules.Rule(pattern=".*", in_axes={"o/kernel": (0, 1)}).axes_for("o/kernel")
+            (0, 1)
+            >>> rules.Rule(pattern=".*").axes_for("q/kernel", {"in_axes": (0,)})
+            (0,)
+        """
+        if isinstance(self.in_axes, Mapping):
+            if path in self.in_axes:
+                return self.in_axes[path]
+        elif self.in_axes is not None:
+            return self.in_axes
+        return (metadata or {}).get("in_axes")
 
     def describe(self) -> str:
         """One-line description of what happens to a claimed leaf (for tables)."""
@@ -88,6 +134,7 @@ class Rule:
             f"{f.name}={getattr(self, f.name)!r}"
             for f in dataclasses.fields(self)
             if f.name not in ("pattern", "skip", "optional")
+            and not (f.name == "in_axes" and self.in_axes is None)
         ]
         return f"{type(self).__name__}({', '.join(fields)})"
 
@@ -291,7 +338,9 @@ def apply(
     """Rewrite the leaves selected by ``rules`` with ``fn(path, value, rule)``.
 
     The result has the same kind and structure as ``tree``; Variables keep their
-    type and metadata with the new value; unselected leaves are the same objects.
+    type and metadata with the new value; unselected leaves are the same objects. The rule
+    ``fn`` receives has its ``in_axes`` resolved for that leaf (:meth:`Rule.axes_for`: the
+    rule's own, else the ``in_axes`` metadata of the leaf's ``nnx.Variable``).
     A ``ValueError`` or ``TypeError`` raised by ``fn`` is re-raised with the path.
 
     Args:
@@ -314,12 +363,18 @@ def apply(
     """
     sel = select(tree, rules, allow_unused=allow_unused)
     claimed = {m.path: m for m in sel.matches if m.selected}
+    metadata = {path: leaf.get_metadata() for path, leaf in leaf_paths(tree)[0]
+                if path in claimed and isinstance(leaf, nnx.Variable)}
 
     def rewrite(path: str, value: Any) -> Any:
         if path not in claimed:
             return value
+        rule = claimed[path].rule
+        axes = rule.axes_for(path, metadata.get(path))
+        if axes != rule.in_axes:
+            rule = dataclasses.replace(rule, in_axes=axes)
         try:
-            return fn(path, value, claimed[path].rule)
+            return fn(path, value, rule)
         except (ValueError, TypeError) as e:
             raise type(e)(f"at {path!r} (shape {claimed[path].shape}): {e}") from e
 

@@ -46,7 +46,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from subspace_jax import forms, measure, rules
+from subspace_jax import forms, measure, nn, rules
 
 __all__ = [
     "History", "split_model", "trainable_mask", "partition", "combine", "init_optimizer",
@@ -243,11 +243,16 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
 
     Inside the step: the model is merged from ``params`` and ``rest``; ``loss_fn`` runs
     (it may change the model's non-parameter state, which becomes the new ``rest``); the
-    trainable part of ``params`` is differentiated and updated by ``tx``; then
-    ``post_update`` runs. ``metrics`` is ``{"loss": loss, **aux}``.
+    trainable part of ``params`` is differentiated and updated by ``tx``; the state that
+    forms emitted in the forward (:func:`subspace_jax.forms.collect`) is absorbed into the
+    new parameters; then ``post_update`` runs. ``metrics`` is ``{"loss": loss, **aux}``.
+    The loss runs inside :func:`subspace_jax.nn.intercept`, so converted trees of models the
+    library did not write (linen, plain NNX layers) train as they are.
 
     Args:
-        graphdef: from :func:`split_model`.
+        graphdef: from :func:`split_model`; or None for any other model (linen, Hugging
+            Face): then ``loss_fn(params, batch, key)`` gets the parameter tree itself (e.g.
+            ``model.apply({"params": params}, ...)``) and ``rest`` passes through unchanged.
         loss_fn: ``loss_fn(model, batch, key)`` returning a scalar or ``(loss, aux)`` where
             ``aux`` is a dict of arrays (``key`` drives dropout and sampling).
         tx: any optax transform; its state must come from :func:`init_optimizer` with the
@@ -280,15 +285,21 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
         trainable, frozen = partition(params, trainable_mask(params) if mask is None else mask)
 
         def objective(t):
-            model = nnx.merge(graphdef, combine(t, frozen), rest, copy=True)
-            loss, aux = _split_loss(loss_fn(model, batch, key))
-            _, _, new_rest = split_model(model)
-            return loss, (aux, new_rest)
+            with nn.intercept(), forms.collect() as emitted:
+                if graphdef is None:
+                    loss, aux = _split_loss(loss_fn(combine(t, frozen), batch, key))
+                    new_rest = rest
+                else:
+                    model = nnx.merge(graphdef, combine(t, frozen), rest, copy=True)
+                    loss, aux = _split_loss(loss_fn(model, batch, key))
+                    _, _, new_rest = split_model(model)
+            return loss, (aux, new_rest, dict(emitted))
 
-        (loss, (aux, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        (loss, (aux, new_rest, emitted)), grads = jax.value_and_grad(
+            objective, has_aux=True)(trainable)
         with jax.numpy_dtype_promotion(OPTIMIZER_PROMOTION):
             updates, opt_state = tx.update(grads, opt_state, trainable)
-        params = combine(optax.apply_updates(trainable, updates), frozen)
+        params = forms.absorb(combine(optax.apply_updates(trainable, updates), frozen), emitted)
         if post_update is not None:
             params, new_rest = post_update(params, new_rest)
         return params, opt_state, new_rest, {"loss": loss, **aux}
@@ -299,7 +310,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: Callable, tx: optax.Gradien
 def make_eval_step(graphdef: nnx.GraphDef, metric_fn: Callable) -> Callable:
     """A jitted ``eval_step(params, rest, batch) -> metric_fn(model, batch)``.
 
-    ``metric_fn`` returns a dict of **sums** over the batch, weighted by ``batch["weight"]``
+    ``metric_fn(model, batch)`` (``metric_fn(params, batch)`` when ``graphdef`` is None, as
+    in :func:`make_train_step`) returns a dict of **sums** over the batch, weighted by ``batch["weight"]``
     (0 on the padding rows that :func:`evaluate` adds), so they add up across batches.
     Evaluation reads ``rest`` (e.g. a method's active rank) and does not change it.
 
@@ -313,7 +325,10 @@ def make_eval_step(graphdef: nnx.GraphDef, metric_fn: Callable) -> Callable:
     """
 
     def eval_step(params, rest, batch):
-        return metric_fn(nnx.merge(graphdef, params, rest), batch)
+        with nn.intercept():
+            if graphdef is None:
+                return metric_fn(params, batch)
+            return metric_fn(nnx.merge(graphdef, params, rest), batch)
 
     return jax.jit(eval_step)
 

@@ -65,14 +65,15 @@ def _factor_one(path: str, kernel: Any, rule: rules_lib.Rule) -> forms.LowRank:
         raise TypeError(f"factorize needs LowRankRule rules, got {type(rule).__name__}")
     if forms.is_form(kernel):
         raise TypeError(f"kernel is already a {type(kernel).__name__}; materialize it first")
-    if getattr(kernel, "ndim", None) != 2:
+    if getattr(kernel, "ndim", 0) < 2:
         raise ValueError(
-            f"expected a 2-D (in, out) kernel, got shape {tuple(getattr(kernel, 'shape', ()))}"
+            f"expected an (in, out) or N-D kernel, got shape {tuple(getattr(kernel, 'shape', ()))}"
         )
     rank = rule.rank
     if rank is not None and rule.clip_rank:
-        rank = min(rank, *kernel.shape)
-    return forms.LowRank.from_dense(kernel, rank=rank, eps=rule.eps, split=rule.split)
+        rank = min(rank, *forms.fold_kernel(kernel, rule.in_axes)[0].shape)
+    return forms.LowRank.from_dense(kernel, rank=rank, eps=rule.eps, split=rule.split,
+                                    in_axes=rule.in_axes)
 
 
 def factorize(

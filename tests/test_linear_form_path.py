@@ -51,7 +51,7 @@ def test_unsupported_settings_are_refused_not_dropped(setting):
     else:
         layer, _ = _layer()
         call = lambda: layer(jnp.ones((2, 6)), out_sharding=jax.sharding.PartitionSpec())  # noqa: E731
-    with pytest.raises(ValueError, match=f"Linear\\(6, 4\\) holds a LowRank kernel: {setting}="):
+    with pytest.raises(ValueError, match=f"Linear holds a LowRank kernel: {setting}="):
         call()
 
 

@@ -112,8 +112,8 @@ def test_bad_kernels_name_path_shape_value():
     inf = good.at[0, 0].set(jnp.inf)
     cases = [
         ({"w": {"kernel": good}}, dict(rank=5), r"'w/kernel' \(shape \(4, 6\)\).*rank 5"),
-        ({"w": {"kernel": jnp.ones((2, 3, 4))}}, dict(rank=1), r"'w/kernel'.*2-D.*\(2, 3, 4\)"),
-        ({"w": {"kernel": jnp.ones(4)}}, dict(rank=1), r"'w/kernel'.*2-D.*\(4,\)"),
+        ({"w": {"kernel": jnp.ones((2, 3, 4))}}, dict(rank=1), r"'w/kernel'.*3-D kernel of shape \(2, 3, 4\) needs in_axes"),
+        ({"w": {"kernel": jnp.ones(4)}}, dict(rank=1), r"'w/kernel'.*N-D kernel.*\(4,\)"),
         ({"w": {"kernel": nan}}, dict(rank=1), r"'w/kernel'.*(NaN|non-finite)"),
         ({"w": {"kernel": inf}}, dict(rank=1), r"'w/kernel'.*(Inf|non-finite)"),
     ]

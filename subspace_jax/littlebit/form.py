@@ -178,7 +178,7 @@ class BinaryLowRank(forms.KernelForm):
         return int(self.u.shape[0])
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def matrix_shape(self) -> tuple[int, int]:
         return (int(self.v.shape[1]), int(self.u.shape[1]))
 
     @property
@@ -190,7 +190,7 @@ class BinaryLowRank(forms.KernelForm):
         u, v, h, g, lu, lv = forms.promote((self.u, self.v, self.h, self.g, self.lu, self.lv), dtype)
         return signfn(v), signfn(u), g, h, lu * lv
 
-    def materialize(self) -> jax.Array:
+    def matrix(self) -> jax.Array:
         return _dense(*self._parts(jnp.float32), self.dtype)
 
     def matmul(self, x, *, dtype: Any = None, precision: Any = None, dot_general: Any = None):
@@ -202,7 +202,7 @@ class BinaryLowRank(forms.KernelForm):
         return sum(forms.nbytes(t) for t in (self.u, self.v, self.h, self.g, self.lu, self.lv))
 
     def flops(self, tokens: int) -> int:
-        return 2 * int(tokens) * self.paths * self.rank * sum(self.shape)
+        return 2 * int(tokens) * self.paths * self.rank * sum(self.matrix_shape)
 
     def deploy(self, *, word: Any = np.uint8, scale_dtype: Any = jnp.float16) -> "PackedBinaryLowRank":
         """The deployed form: packed signs, 16-bit ``h``, ``g`` and fused ``l = lu * lv``.
@@ -233,7 +233,7 @@ class BinaryLowRank(forms.KernelForm):
         return PackedBinaryLowRank(
             v_bits=core.pack_signs(self.v, axis=1, word=np.dtype(word).type),
             u_bits=core.pack_signs(self.u, axis=1, word=np.dtype(word).type),
-            param_dtype=str(self.dtype), **scales)
+            param_dtype=str(self.dtype), fold=self.fold, **scales)
 
 
 @jax.tree_util.register_dataclass
@@ -296,7 +296,7 @@ class PackedBinaryLowRank(forms.KernelForm):
         return int(self.l.shape[0])
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def matrix_shape(self) -> tuple[int, int]:
         return (int(self.g.shape[1]), int(self.h.shape[1]))
 
     @property
@@ -304,12 +304,12 @@ class PackedBinaryLowRank(forms.KernelForm):
         return jnp.dtype(self.param_dtype)
 
     def _parts(self, dtype: Any):
-        fan_in, fan_out = self.shape
+        fan_in, fan_out = self.matrix_shape
         sv = core.unpack_signs(self.v_bits, fan_in, axis=1, dtype=dtype)
         su = core.unpack_signs(self.u_bits, fan_out, axis=1, dtype=dtype)
         return sv, su, self.g.astype(dtype), self.h.astype(dtype), self.l.astype(dtype)
 
-    def materialize(self) -> jax.Array:
+    def matrix(self) -> jax.Array:
         return _dense(*self._parts(jnp.float32), self.dtype)
 
     def matmul(self, x, *, dtype: Any = None, precision: Any = None, dot_general: Any = None):
@@ -326,7 +326,7 @@ class PackedBinaryLowRank(forms.KernelForm):
         return 8 * self.nbytes
 
     def flops(self, tokens: int) -> int:
-        return 2 * int(tokens) * self.paths * self.rank * sum(self.shape)
+        return 2 * int(tokens) * self.paths * self.rank * sum(self.matrix_shape)
 
 
 def contract_factories() -> dict[str, Any]:

@@ -124,7 +124,7 @@ class Nested(forms.KernelForm):
         return int(self.a.shape[1])
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def matrix_shape(self) -> tuple[int, int]:
         return (int(self.a.shape[0]), int(self.b.shape[1]))
 
     @property
@@ -143,9 +143,9 @@ class Nested(forms.KernelForm):
         rank = check_rank(rank, self.max_rank)
         if rank == self.max_rank:
             return self
-        return Nested(a=self.a[:, :rank], b=self.b[:rank])
+        return dataclasses.replace(self, a=self.a[:, :rank], b=self.b[:rank])
 
-    def materialize(self) -> jax.Array:
+    def matrix(self) -> jax.Array:
         return jnp.matmul(self.a, self.b)
 
     def matmul_at(self, x: jax.Array, width: int, rank: jax.Array | int | None = None, *,
@@ -182,5 +182,5 @@ class Nested(forms.KernelForm):
         return forms.nbytes(self.a) + forms.nbytes(self.b)
 
     def flops(self, tokens: int) -> int:
-        fan_in, fan_out = self.shape
+        fan_in, fan_out = self.matrix_shape
         return 2 * int(tokens) * self.max_rank * (fan_in + fan_out)
