@@ -24,6 +24,7 @@ References:
 from subspace_jax.lorapre import alias as alias
 from subspace_jax.lorapre import core as core
 from subspace_jax.lorapre import transform as transform
+from subspace_jax.lorapre.alias import kernel_dimension_numbers as kernel_dimension_numbers
 from subspace_jax.lorapre.alias import labels as labels
 from subspace_jax.lorapre.alias import lorapre as lorapre
 from subspace_jax.lorapre.alias import lorapre_muon as lorapre_muon
@@ -41,6 +42,7 @@ __all__ = (
     "LoRAPreState",
     "alias",
     "core",
+    "kernel_dimension_numbers",
     "labels",
     "lorapre",
     "lorapre_muon",

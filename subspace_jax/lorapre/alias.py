@@ -15,11 +15,13 @@ References:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import optax
 
+from subspace_jax import rules
 from subspace_jax.lorapre import _tree, transform
 
 __all__ = ["lorapre", "lorapre_muon", "labels"]
@@ -226,3 +228,53 @@ def lorapre_muon(learning_rate: optax.ScalarOrSchedule, rank: int = 8, beta: flo
     adam = optax.adamw(adam_lr, adam_b1, adam_b2, eps, weight_decay=adam_weight_decay,
                        nesterov=nesterov)
     return _split("lorapre_muon", rank, low, adam, weight_dimension_numbers, adamw_mask)
+
+
+def kernel_dimension_numbers(axes: Mapping[str, tuple[int, ...]] | None = None) -> Callable:
+    """``weight_dimension_numbers`` for any Flax model: each kernel folds as its layer does.
+
+    The same description of "which kernel axes contract with the input" that the tree
+    transforms use (:class:`subspace_jax.forms.Fold`): a kernel whose path is in ``axes``
+    (e.g. from :func:`subspace_jax.nn.kernel_axes`), or whose ``nnx.Variable`` carries the
+    ``in_axes`` metadata that :func:`subspace_jax.nn.adopt` records, is one matrix with
+    those axes as rows and the rest as columns; any other 2-D leaf is ``(in, out)``; every
+    other leaf gets None (AdamW in :func:`lorapre` and :func:`lorapre_muon`).
+
+    Args:
+        axes: ``{kernel path: in_axes}``; None reads only the Variables' metadata.
+
+    Returns:
+        A callable of the parameters, for ``weight_dimension_numbers=``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import lorapre
+        >>> params = {"attn": {"q": {"kernel": jnp.ones((16, 2, 8))}}, "b": jnp.zeros(8)}
+        >>> dims = lorapre.kernel_dimension_numbers({"attn/q/kernel": (0,)})(params)
+        >>> dims["attn"]["q"]["kernel"], dims["b"]
+        (DimensionNumbers(reduction_axis=(0,), output_axis=(1, 2)), None)
+        >>> tx = lorapre.lorapre(1e-3, rank=2,
+        ...                      weight_dimension_numbers=lorapre.kernel_dimension_numbers(
+        ...                          {"attn/q/kernel": (0,)}))
+        >>> tx.init(params).inner_states["lorapre"].inner_state[0].mu["attn"]["q"]["kernel"].B.shape
+        (16, 2)
+    """
+    axes = dict(axes or {})
+
+    def dims(params: Any) -> Any:
+        meta = {path: leaf.get_metadata().get("in_axes")
+                for path, leaf in rules.leaf_paths(params)[0]
+                if hasattr(leaf, "get_metadata")}
+
+        def one(path: str, x: Any) -> Any:
+            ins = axes.get(path) or meta.get(path)
+            ndim = getattr(x, "ndim", 0)
+            if ins is not None and ndim >= 2:
+                ins = tuple(int(a) % ndim for a in ins)
+                return transform.DimensionNumbers(ins, tuple(a for a in range(ndim)
+                                                             if a not in ins))
+            return transform.DimensionNumbers(0, 1) if ndim == 2 else None
+
+        return rules.map_with_path(one, params)
+
+    return dims
