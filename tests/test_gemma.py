@@ -419,3 +419,34 @@ def test_real_model_matches_transformers_and_sentencepiece(real, reference):
         worst = {"logit": max(worst["logit"], logit_err), "nll": max(worst["nll"], nll_err)}
     assert worst["logit"] <= 1e-4
     assert worst["nll"] <= 1e-3
+
+
+# ---------------------------------------------------------------- corpus and experiment
+
+
+def test_bos_windows_cover_each_token_once():
+    from subspace_jax.data import gemma_corpus
+
+    stream = np.arange(100, 123, dtype=np.int32)
+    windows, index = gemma_corpus.bos_windows(stream, 5, bos_id=2)
+    assert windows.shape == (4, 6) and (windows[:, 0] == 2).all()
+    np.testing.assert_array_equal(windows[:, 1:].ravel(), stream[:20])
+    np.testing.assert_array_equal(stream[index], windows[:, 1:])
+    with pytest.raises(ValueError, match="at least seq_len=30"):
+        gemma_corpus.bos_windows(stream, 30, bos_id=2)
+
+
+def test_eval_script_helpers_on_a_tiny_model(tiny):
+    from subspace_jax import experiment
+
+    script = experiment.load_script("gemma_eval")
+    windows = np.asarray(TOKENS[:, :9]).repeat(3, axis=0)
+    nll, tps = script.score(tiny, windows)
+    np.testing.assert_allclose(nll, np.asarray(gemma.token_nll(tiny, jnp.asarray(windows))),
+                               rtol=1e-5)
+    assert tps > 0
+    speed = script.decode_speed(tiny, windows[:1, :4], (2, 6), repeats=1)
+    assert speed["new_tokens"] == [2, 6] and len(speed["seconds"]) == 2
+    assert script._self_unigram(np.array([1, 1, 2, 2])) == pytest.approx(2.0)
+    args = script.parse(["--quick"])
+    assert args.seq_len == 256 and args.windows == 2

@@ -37,8 +37,8 @@ from tokenizers import Tokenizer
 
 from subspace_jax.data import _stdlib, batching, tokenization
 
-__all__ = ["LMCorpus", "load_lm_corpus", "lm_windows", "lm_batches", "num_lm_batches",
-           "inputs_targets", "unigram_perplexity"]
+__all__ = ["LMCorpus", "load_lm_corpus", "load_lm_texts", "lm_windows", "lm_batches",
+           "num_lm_batches", "inputs_targets", "unigram_perplexity"]
 
 _SPLITS = ("train", "val", "test")
 _CONTENTS = ("source", "docstrings")
@@ -263,6 +263,39 @@ def load_lm_corpus(*, tokenizer: str = "bpe", content: str = "source", vocab_siz
         modules={n: tuple(m for m, _ in split) for n, split in zip(_SPLITS, chosen)},
         num_bytes={n: sum(len(t.encode("utf-8")) for t in split)
                    for n, split in zip(_SPLITS, texts)})
+
+
+def load_lm_texts(*, content: str = "source", max_bytes: int | None = None,
+                  val_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0,
+                  max_module_bytes: int | None = None) -> dict[str, list[tuple[str, str]]]:
+    """The untokenised documents of :func:`load_lm_corpus`, split by module the same way.
+
+    For a model that brings its own tokenizer (e.g. Gemma): the same settings give the
+    same modules, in the same order, cut to the same bytes, as :func:`load_lm_corpus`.
+
+    Args:
+        content: ``"source"`` or ``"docstrings"``.
+        max_bytes: cap on the UTF-8 bytes over all splits (see :func:`load_lm_corpus`).
+        val_fraction: share of modules (and of ``max_bytes``) for validation.
+        test_fraction: share of modules (and of ``max_bytes``) for test.
+        seed: seed of the module-to-split assignment and of the module order.
+        max_module_bytes: cap on the bytes of one module.
+
+    Returns:
+        ``{"train": [(module, text), ...], "val": [...], "test": [...]}``.
+
+    Examples:
+        >>> texts = load_lm_texts(max_bytes=60_000)
+        >>> corpus = load_lm_corpus(max_bytes=60_000, vocab_size=512)
+        >>> tuple(m for m, _ in texts["val"]) == corpus.modules["val"]
+        True
+    """
+    _check_args("bpe", content, 4096, max_bytes, val_fraction, test_fraction)
+    if max_module_bytes is not None and max_module_bytes < 1:
+        raise ValueError(f"max_module_bytes must be >= 1 or None, got {max_module_bytes}")
+    shares = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
+    chosen = _select(content, seed, shares, max_bytes, max_module_bytes)
+    return dict(zip(_SPLITS, chosen))
 
 
 def lm_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
