@@ -19,7 +19,8 @@ themselves (the best any context-free model can do on them). bfloat16
 Decode speed: greedy generation with the key/value cache (batch 1, a prompt of
 ``--prompt-len`` tokens) at two lengths; tokens/s is the difference in new tokens over
 the difference in time, so prefill and compilation cancel out. Forward throughput is
-the perplexity pass's tokens/s after its first (compiling) batch.
+the perplexity pass's tokens/s after its first (compiling) batch. Speeds depend on what
+else runs on the cores: the load average at the start and end is recorded beside them.
 
 Writes ``results/gemma_eval[_quick].json``.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -128,7 +130,7 @@ def decode_speed(model, prompt: np.ndarray, lengths: tuple[int, int], repeats: i
 
 def main(argv=None) -> int:
     args = parse(argv)
-    start = time.time()
+    start, load_start = time.time(), os.getloadavg()
     model, tok = gemma.from_pretrained()
     vocab = model.config.vocab_size
     result = {"note": NOTE, "config": {k: v for k, v in vars(args).items()
@@ -168,6 +170,8 @@ def main(argv=None) -> int:
                           "forward_tokens_per_s": tps16}
     result["decode"]["bfloat16"] = decode_speed(bf16, prompt, tuple(args.decode_tokens))
     result["total_seconds"] = time.time() - start
+    # Speeds depend on what else runs on the machine's cores: record how busy it was.
+    result["load_average_1_5_15min"] = {"start": load_start, "end": os.getloadavg()}
     name = args.name or "gemma_eval" + ("_quick" if args.quick else "")
     path = experiment.write_result(name, result, results_dir=args.results_dir)
     print(f"\nGemma 3 270M ({NOTE})")

@@ -450,3 +450,26 @@ def test_eval_script_helpers_on_a_tiny_model(tiny):
     assert script._self_unigram(np.array([1, 1, 2, 2])) == pytest.approx(2.0)
     args = script.parse(["--quick"])
     assert args.seq_len == 256 and args.windows == 2
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_finetune_script_smoke(mode, tmp_path):
+    from subspace_jax import experiment
+
+    script = experiment.load_script("gemma_finetune")
+    tokens, types = gemma_loading._toy_vocab(TINY.vocab_size)
+    tok = gemma_tokenizer.build_tokenizer(tokens, types)
+    model = gemma.Gemma(TINY, rngs=nnx.Rngs(0))
+    args = script.parse(["--mode", mode, "--steps", "3", "--seq-len", "16", "--batch-size", "2",
+                         "--eval-windows", "2", "--evals", "1", "--max-bytes", "40000",
+                         "--no-progress"])
+    result = script.finetune(model, tok, args)
+    assert len(result["history"]["losses"]) == 3
+    assert math.isfinite(result["val_loss"]) and math.isfinite(result["val_loss_before"])
+    non_embedding = TINY.num_params(embeddings=False)
+    if mode == "full":
+        assert result["trainable_params"] == non_embedding  # embeddings frozen
+    else:  # rank-8 adapters on the 7 projections of each block
+        d, hd, f = TINY.dim, TINY.head_dim, TINY.mlp_hidden
+        shapes = [(d, 4 * hd), (d, 2 * hd), (d, 2 * hd), (4 * hd, d), (d, f), (d, f), (f, d)]
+        assert result["trainable_params"] == TINY.depth * sum(8 * (a + b) for a, b in shapes)
