@@ -46,7 +46,7 @@ METHODS = ("dual_svid", "joint_itq", "fp16_low_rank", "sign_rows")
 
 
 def settings(bpw: float) -> dict:
-    """``compress`` options for a target: one path and rank >= 8 where two paths cannot fit."""
+    """``LittleBitRule`` settings for a target: one path and rank >= 8 where two paths cannot fit."""
     return dict(residual=True, strict=True) if bpw >= 0.3 else dict(residual=False, strict=False)
 
 
@@ -171,9 +171,10 @@ def run(*, quick: bool = False, bpws=BPWS, itq_iters: int = 50, tokens: int | No
     deployed = {}
     for bpw in bpws:
         t0 = time.perf_counter()
-        compressed = littlebit.compress(state, rule, bpw, itq_iters=itq_iters, **settings(bpw))
-        err_rule = rules.Rule(pattern="|".join(err_paths))
-        svid = littlebit.compress(state, err_rule, bpw, itq=False, **settings(bpw))
+        compressed = littlebit.transform(state, littlebit.LittleBitRule(
+            pattern=KERNELS, bpw=bpw, itq_iters=itq_iters, **settings(bpw)))
+        svid = littlebit.transform(state, littlebit.LittleBitRule(  # Dual-SVID: no ITQ
+            pattern="|".join(err_paths), bpw=bpw, itq_iters=0, **settings(bpw)))
         rows = layer_errors(state, compressed, svid, err_paths)
         deployed[bpw] = littlebit.deploy(compressed)
         acc = littlebit.accounting(deployed[bpw])

@@ -33,7 +33,8 @@ def method(bpw: float = BPW) -> baselines.Method:
     kernels = rules.Rule(pattern=baselines.LORA_PATTERN)
 
     def convert(model, cfg, key):
-        return littlebit.compress_model(model, kernels, bpw, key=key)
+        rule = littlebit.LittleBitRule(pattern=baselines.LORA_PATTERN, bpw=bpw)
+        return littlebit.convert(model, rule, key=key)
 
     trained = (kernels, rules.Rule(pattern=r"bert/encoder/.*(bias|scale)"),
                rules.Rule(pattern=r"head/.*"))

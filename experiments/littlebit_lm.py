@@ -52,7 +52,7 @@ _compress_script = experiment.load_script("littlebit_compress", owner="littlebit
 
 
 def settings(bpw: float) -> dict:
-    """``compress`` options: the residual path only at 1 bpw, rank >= 8 everywhere.
+    """``LittleBitRule`` settings: the residual path only at 1 bpw, rank >= 8 everywhere.
 
     On kernels this small two paths of rank 8 already cost 0.77 bpw (128 x 128), so below
     1 bpw the decoder uses one path, and ``strict=False`` keeps rank 8 where the target is
@@ -124,8 +124,10 @@ def run(*, checkpoint_dir: pathlib.Path, quick: bool = False, bpws=BPWS, steps: 
     for bpw in bpws:
         t0 = time.perf_counter()
         opts = settings(bpw)
-        student = littlebit.compress_model(teacher, rule, bpw, itq_iters=itq_iters, **opts)
-        svid = littlebit.compress(nnx.state(teacher), rule, bpw, itq=False, **opts)
+        student = littlebit.convert(teacher, littlebit.LittleBitRule(
+            pattern=KERNELS, bpw=bpw, itq_iters=itq_iters, **opts))
+        svid = littlebit.transform(nnx.state(teacher), littlebit.LittleBitRule(
+            pattern=KERNELS, bpw=bpw, itq_iters=0, **opts))  # Dual-SVID: no ITQ
         errors = _compress_script.layer_errors(nnx.state(teacher), nnx.state(student), svid,
                                                paths)
         step, params, opt_state, rest, _, graphdef = qat.setup(

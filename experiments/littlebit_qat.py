@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from subspace_jax import data, experiment, rules, train
-from subspace_jax.littlebit import qat, transform
+from subspace_jax import data, experiment, littlebit, train
+from subspace_jax.littlebit import qat
 from subspace_jax.models import bert
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
@@ -43,7 +43,7 @@ KERNELS = r"encoder/layers/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
 
 
 def settings(bpw: float) -> dict:
-    """``compress`` options (those of ``littlebit_compress.py``): one path below 0.3 bpw."""
+    """``LittleBitRule`` settings (those of ``littlebit_compress.py``): one path below 0.3 bpw."""
     return dict(residual=True, strict=True) if bpw >= 0.3 else dict(residual=False, strict=False)
 
 
@@ -111,9 +111,9 @@ def run(*, quick: bool = False, bpws=BPWS, steps: int | None = None, batch_size:
     loss_fn = qat.encoder_loss_fn(tgraph)
     for bpw in bpws:
         t0 = time.perf_counter()
-        student = transform.compress_model(teacher, rules.Rule(pattern=KERNELS), bpw,
-                                           itq_iters=itq_iters, **settings(bpw))
-        acc = transform.accounting(nnx.state(student))
+        student = littlebit.convert(teacher, littlebit.LittleBitRule(
+            pattern=KERNELS, bpw=bpw, itq_iters=itq_iters, **settings(bpw)))
+        acc = littlebit.accounting(nnx.state(student))
         compress_s = time.perf_counter() - t0
         before = quality(embed(student, test_arrays), ref)
         tx = train.adamw(lr, steps, warmup=max(steps // 50, 1), weight_decay=0.0)
@@ -130,7 +130,7 @@ def run(*, quick: bool = False, bpws=BPWS, steps: int | None = None, batch_size:
         flips = qat.sign_flips(init, params)
         latents = sum(x.size for x in jax.tree.leaves(init) if x.ndim == 3)
         after = quality(embed(nnx.merge(graphdef, params, rest), test_arrays), ref)
-        packed = nnx.merge(graphdef, transform.deploy(params), rest)
+        packed = nnx.merge(graphdef, littlebit.deploy(params), rest)
         deployed = quality(embed(packed, test_arrays), ref)
         point = dict(linear_bpw=acc.linear_bpw, model_bpw=acc.model_bpw,
                      ranks=sorted({lay.rank for lay in acc.layers}), settings=settings(bpw),

@@ -154,8 +154,9 @@ def nested_checks(block: Block) -> dict:
 def littlebit_checks(block: Block) -> dict:
     """LittleBit-2 compression of the MLP, deploy (packed bits), packed inference."""
     x, _ = _data()
-    rule = rules.Rule(pattern=r"mlp/(up|down)/kernel")
-    student = littlebit.compress_model(block, rule, 1.0, itq_iters=3, strict=False)
+    rule = littlebit.LittleBitRule(pattern=r"mlp/(up|down)/kernel", bpw=1.0, itq_iters=3,
+                                   strict=False)
+    student = littlebit.convert(block, rule)
     graphdef, state = nnx.split(student)
     packed = littlebit.deploy(state)
     fwd = jax.jit(lambda s: nnx.merge(graphdef, s)(x))

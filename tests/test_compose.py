@@ -178,6 +178,11 @@ def test_wasi_lorapre_checkpoint_reloads_and_resumes(wasi_runs, tmp_path):
 
 # --- NSN rank selection, then LittleBit-2 ----------------------------------------------
 
+def _mlp_bits(bpw, **settings):
+    """LittleBit-2 on the MLP kernels (the rule carries the settings)."""
+    return littlebit.LittleBitRule(pattern=MLP.pattern, bpw=bpw, **{"itq_iters": 5, **settings})
+
+
 @pytest.fixture(scope="module")
 def nsn_littlebit():
     base = _model()
@@ -187,7 +192,7 @@ def nsn_littlebit():
     plain_graph, _, plain_rest = train.split_model(sj.adopt(base))
     _, params, _ = train.split_model(model)
     chosen = nested.truncate(params, rank)                  # pure: prefix factors, rank `rank`
-    compressed = littlebit.compress(sj.materialize(chosen), MLP, bpw=3.0, itq_iters=5)
+    compressed = littlebit.transform(sj.materialize(chosen), _mlp_bits(3.0))
     return dict(model=model, rank=rank, params=params, chosen=chosen, compressed=compressed,
                 plain_graph=plain_graph, plain_rest=plain_rest)
 
@@ -205,13 +210,13 @@ def test_nsn_then_littlebit_is_littlebit_of_the_truncated_factors(nsn_littlebit)
     r = c["rank"]
     explicit = rules.map_with_path(
         lambda path, k: k.a[:, :r] @ k.b[:r] if isinstance(k, nested.Nested) else k, c["params"])
-    direct = littlebit.compress(explicit, MLP, bpw=3.0, itq_iters=5)
+    direct = littlebit.transform(explicit, _mlp_bits(3.0))
     assert _max_diff(c["compressed"], direct) == 0.0
     kernels = [leaf.get_value() for _, leaf in rules.leaf_paths(c["compressed"])[0]
                if isinstance(leaf.get_value(), littlebit.BinaryLowRank)]
     assert len(kernels) == 3 and all(k.rank <= r for k in kernels)
     # a LittleBit rank above the NSN rank meets zero singular values: still finite
-    wide = littlebit.compress(sj.materialize(c["chosen"]), MLP, bpw=4.0, itq_iters=5)
+    wide = littlebit.transform(sj.materialize(c["chosen"]), _mlp_bits(4.0))
     wide = [leaf.get_value() for _, leaf in rules.leaf_paths(wide)[0]
             if isinstance(leaf.get_value(), littlebit.BinaryLowRank)]
     assert all(k.rank > r and bool(jnp.isfinite(k.materialize()).all()) for k in wide)
@@ -232,8 +237,8 @@ def test_nsn_littlebit_evaluates_in_one_compile_and_reloads_packed(nsn_littlebit
 
 
 def test_littlebit_rejects_nested_forms_at_transform_time(nsn_littlebit):
-    with pytest.raises(TypeError, match=r"mlp/.*kernel.*already a Nested; compress dense"):
-        littlebit.compress(nsn_littlebit["chosen"], MLP, bpw=3.0)
+    with pytest.raises(TypeError, match=r"mlp/.*kernel.*already a Nested; transform dense"):
+        littlebit.transform(nsn_littlebit["chosen"], _mlp_bits(3.0))
 
 
 # --- LittleBit-2 QAT with LoRA-Pre ------------------------------------------------------
@@ -249,8 +254,8 @@ def _matrix_dims(params):
 @pytest.fixture(scope="module")
 def qat_runs(counting):
     teacher = _model()
-    student = littlebit.compress_model(teacher, rules.Rule(pattern="blocks/.*kernel"), bpw=4.0,
-                                       strict=False, itq_iters=5)
+    student = littlebit.convert(teacher, littlebit.LittleBitRule(
+        pattern="blocks/.*kernel", bpw=4.0, strict=False, itq_iters=5))
     tgraph, tstate = nnx.split(teacher)
     batches = [{"tokens": _tokens(7), "teacher": tstate}] * QAT_STEPS
     runs = {}
@@ -309,7 +314,7 @@ def test_littlebit_lorapre_checkpoint_reloads_trained_and_deployed(qat_runs, tmp
 # --- pairs that do not compose directly --------------------------------------------------
 
 def test_methods_refuse_each_others_forms_at_transform_time():
-    model = littlebit.compress_model(_model(), MLP, bpw=4.0, strict=False, itq_iters=1)
+    model = littlebit.convert(_model(), _mlp_bits(4.0, strict=False, itq_iters=1))
     x = _tokens(1)
     with pytest.raises(ValueError, match=r"WASI converts 2-D .* kernels, got BinaryLowRank"):
         wasi.convert(model, sample=lambda m: m(x), verbose=False)

@@ -35,19 +35,27 @@ def _nested(key, shape, dtype):
     return nested.Nested.from_dense(_dense(key, shape, jnp.float32), max_rank=5, dtype=dtype)
 
 
+def _littlebit(key, shape, dtype):  # rank 8, residual path: two of everything
+    return littlebit.BinaryLowRank.from_dense(_dense(key, shape, jnp.float32), rank=8,
+                                              itq_iters=5, key=key, dtype=dtype)
+
+
+def _littlebit_packed(key, shape, dtype):  # uint8 words: SHAPE exercises the padding
+    return _littlebit(key, shape, dtype).deploy()
+
+
 SHAPE = (16, 12)
 _IN, _OUT = SHAPE
 _BITS = {jnp.dtype(jnp.float32): 32, jnp.dtype(jnp.bfloat16): 16}
 # name -> (factory, stored bits for SHAPE in a dtype): hand counts, not the forms' formulas
-_LITTLEBIT = littlebit.contract_factories()  # rank 8, residual path: two of everything
 FORMS = {
     "dense": (_dense, lambda dtype: _BITS[dtype] * _IN * _OUT),
     # latent U (out, 8), V (in, 8), scales h (out), g (in), lu, lv (8), per path
-    "littlebit": (_LITTLEBIT["littlebit"],
+    "littlebit": (_littlebit,
                   lambda dtype: _BITS[dtype] * 2 * (_OUT * 8 + _IN * 8 + _OUT + _IN + 8 + 8)),
     # signs packed in uint8 along in/out (16 -> 2 bytes, 12 -> 2 bytes, 4 padding bits) per
     # rank column, float16 scales h, g and the fused l, per path
-    "littlebit_packed": (_LITTLEBIT["littlebit_packed"],
+    "littlebit_packed": (_littlebit_packed,
                          lambda dtype: 2 * (8 * 8 * (2 + 2) + 16 * (_OUT + _IN + 8))),
     "low_rank": (_low_rank, lambda dtype: _BITS[dtype] * 3 * (_IN + _OUT)),
     "lora": (_lora, lambda dtype: _BITS[dtype] * (_IN * _OUT + 3 * (_IN + _OUT))),

@@ -15,7 +15,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from subspace_jax import checkpoint, forms, littlebit, measure, rules
 from subspace_jax.littlebit import core
 
-FACTORIES = littlebit.contract_factories()
+
+
+def _train_form(key, shape, dtype):
+    kernel = jax.random.normal(key, shape, jnp.float32)
+    return littlebit.BinaryLowRank.from_dense(kernel, rank=8, itq_iters=5, key=key, dtype=dtype)
+
+
+# rank 8 with the residual path, a few ITQ steps; uint8 words (SHAPE exercises the padding)
+FACTORIES = {"littlebit": _train_form,
+             "littlebit_packed": lambda key, shape, dtype: _train_form(key, shape, dtype).deploy()}
 SHAPE = (16, 12)  # not a multiple of the word size: padding is exercised
 
 
@@ -273,8 +282,12 @@ def _tree(key=0):
     }
 
 
+def _rule(pattern, bpw=1.0, **kwargs):
+    return littlebit.LittleBitRule(pattern=pattern, bpw=bpw, **kwargs)
+
+
 def test_bit_count_equals_formula_and_checkpoint_size(tmp_path):
-    packed = littlebit.deploy(littlebit.compress(_tree(), rules.Rule(pattern=".*mlp/kernel"), bpw=1.0))
+    packed = littlebit.deploy(littlebit.transform(_tree(), _rule(".*mlp/kernel")))
     acc = littlebit.accounting(packed)
     (layer,) = acc.layers
     form = packed["layers"][0]["mlp"]["kernel"]
@@ -317,18 +330,17 @@ def test_weight_memory_is_the_bit_count():
     assert mem.temp < 4 * 192 * 768 // 4
 
 
-def test_compress_works_on_dicts_linen_and_nnx_state():
+def test_transform_works_on_dicts_linen_and_nnx_state():
     tree = _tree()
-    rule = rules.Rule(pattern=".*mlp/kernel")
-    out = littlebit.compress(tree, rule, bpw=1.0)
+    out = littlebit.transform(tree, _rule(".*mlp/kernel"))
     assert isinstance(out["layers"][0]["mlp"]["kernel"], littlebit.BinaryLowRank)
     assert out["head"]["kernel"] is tree["head"]["kernel"]
-    linen = littlebit.compress({"params": tree}, rules.Rule(pattern="params/.*mlp/kernel"), bpw=1.0)
+    linen = littlebit.transform({"params": tree}, _rule("params/.*mlp/kernel"))
     np.testing.assert_array_equal(linen["params"]["layers"][0]["mlp"]["kernel"].u,
                                   out["layers"][0]["mlp"]["kernel"].u)
     model = nnx.Sequential(nnx.Linear(128, 256, rngs=nnx.Rngs(0)), nnx.Linear(256, 8, rngs=nnx.Rngs(1)))
-    small = littlebit.compress_model(model, rules.Rule(pattern="layers/0/kernel"), 1.0)
-    packed = littlebit.compress_model(model, rules.Rule(pattern="layers/0/kernel"), 1.0, deployed=True)
+    small = littlebit.convert(model, _rule("layers/0/kernel"))
+    packed = littlebit.convert(model, _rule("layers/0/kernel"), deployed=True)
     graphdef, state = nnx.split(small)
     assert isinstance(state["layers"][0]["kernel"].get_value(), littlebit.BinaryLowRank)
     x = jax.random.normal(jax.random.key(1), (4, 128))
@@ -342,19 +354,69 @@ def test_compress_works_on_dicts_linen_and_nnx_state():
 def test_bad_input_errors_name_the_layer():
     tree = _tree()
     with pytest.raises(ValueError, match=r"'layers/0/mlp/kernel'.*bpw=0.05 is too low"):
-        littlebit.compress(tree, rules.Rule(pattern=".*mlp/kernel"), bpw=0.05)
+        littlebit.transform(tree, _rule(".*mlp/kernel", bpw=0.05))
     with pytest.raises(ValueError, match=r"'layers/0/mlp/bias'.*2-D"):
-        littlebit.compress(tree, rules.Rule(pattern=".*mlp/bias"), bpw=1.0)
+        littlebit.transform(tree, _rule(".*mlp/bias"))
     bad = {"w": {"kernel": tree["layers"][0]["mlp"]["kernel"].at[3, 4].set(jnp.nan)}}
     with pytest.raises(ValueError, match=r"'w/kernel'.*NaN"):
-        littlebit.compress(bad, rules.Rule(pattern=".*kernel"), bpw=1.0)
-    packed = littlebit.deploy(littlebit.compress(tree, rules.Rule(pattern=".*mlp/kernel"), bpw=1.0))
+        littlebit.transform(bad, _rule(".*kernel"))
+    packed = littlebit.deploy(littlebit.transform(tree, _rule(".*mlp/kernel")))
     with pytest.raises(ValueError, match=r"'layers/0/mlp/kernel' is already deployed"):
         littlebit.deploy(packed)
     with pytest.raises(TypeError, match=r"'layers/0/mlp/kernel'.*already a PackedBinaryLowRank"):
-        littlebit.compress(packed, rules.Rule(pattern=".*mlp/kernel"), bpw=1.0)
+        littlebit.transform(packed, _rule(".*mlp/kernel"))
     with pytest.raises(ValueError, match="no BinaryLowRank"):
         littlebit.deploy(tree)
+    # settings are checked on the rule; a plain non-skip rule carries none
+    with pytest.raises(ValueError, match=r"LittleBitRule\('.\*'\).bpw must be"):
+        _rule(".*", bpw=-1.0)
+    with pytest.raises(ValueError, match=r"itq_iters must be an int >= 0"):
+        _rule(".*", itq_iters=-1)
+    with pytest.raises(ValueError, match=r"grad must be one of"):
+        _rule(".*", grad="sign")
+    with pytest.raises(TypeError, match=r"rule #0 .*needs LittleBitRule"):
+        littlebit.transform(tree, rules.Rule(pattern=".*mlp/kernel"))
+    # an N-D kernel needs its in_axes, and a bpw that does not fit names the folded matrix
+    tree3 = {"attn": {"kernel": jax.random.normal(jax.random.key(0), (64, 4, 32))}}
+    with pytest.raises(ValueError, match=r"'attn/kernel' \(shape \(64, 4, 32\)\).*needs in_axes"):
+        littlebit.transform(tree3, _rule(".*"))
+    with pytest.raises(ValueError, match=r"too low for a \(64, 128\) kernel.*\(64, 4, 32\) kernel "
+                                         r"folded with in_axes=\(0,\)"):
+        littlebit.transform(tree3, _rule(".*", in_axes=(0,)))
+
+
+def test_skip_rules_and_the_old_names_give_the_same_forms():
+    tree = _tree()
+    new = littlebit.transform(tree, [rules.Rule(pattern="head/.*", skip=True),
+                                     _rule(".*kernel", itq_iters=0)], key=jax.random.key(4))
+    assert new["head"]["kernel"] is tree["head"]["kernel"]
+    old = littlebit.compress(tree, [rules.Rule(pattern="head/.*", skip=True),
+                                    rules.Rule(pattern=".*kernel")], 1.0, itq=False,
+                             key=jax.random.key(4))
+    jax.tree.map(np.testing.assert_array_equal, old, new)
+    model = nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+    a = littlebit.compress_model(model, rules.Rule(pattern="kernel"), 4.0, itq_iters=3)
+    b = littlebit.convert(model, _rule("kernel", bpw=4.0, itq_iters=3))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(a), nnx.state(b))
+
+
+@pytest.mark.parametrize("shape,in_axes", [((64, 4, 8), (0,)), ((4, 8, 64), (0, 1)),
+                                           ((4, 64, 8), (1,))])
+def test_nd_kernels_fold_and_count_their_matrix(shape, in_axes):
+    w = jax.random.normal(jax.random.key(0), shape)
+    fold = forms.Fold(shape, in_axes)
+    k = littlebit.BinaryLowRank.from_dense(w, rank=8, in_axes=in_axes, itq_iters=5)
+    ref = littlebit.BinaryLowRank.from_dense(fold.fold(w), rank=8, itq_iters=5)
+    assert k.fold == fold and k.shape == shape and k.matrix_shape == fold.matrix_shape
+    np.testing.assert_array_equal(k.matrix(), ref.materialize())  # the folded matrix, factored
+    np.testing.assert_array_equal(k.materialize(), fold.unfold(ref.materialize()))
+    packed = littlebit.deploy({"k": k})["k"]
+    assert packed.fold == fold and packed.materialize().shape == shape and packed.rank == 8
+    acc = littlebit.accounting({"k": packed})
+    (lay,) = acc.layers
+    assert lay.shape == fold.matrix_shape and lay.kernel_shape == shape
+    assert lay.formula == core.formula_bits(*fold.matrix_shape, 8) and lay.bits == packed.bits
+    assert f"{shape}->{fold.matrix_shape}" in acc.table()
 
 
 # --- the QAT objective -----------------------------------------------------------------------

@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from subspace_jax import rules, train
-from subspace_jax.littlebit import core, form, qat, transform
+from subspace_jax import littlebit, train
+from subspace_jax.littlebit import core, form, qat
 from subspace_jax.models import bert, llama
 
 STEPS = 25
@@ -18,8 +18,8 @@ STEPS = 25
 def decoder():
     cfg = llama.LlamaConfig(vocab_size=64, dim=64, depth=2, heads=4, kv_heads=2, max_len=16)
     teacher = llama.Llama(cfg, rngs=nnx.Rngs(0))
-    student = transform.compress_model(teacher, rules.Rule(pattern=r"blocks/.*/kernel"), bpw=1.0,
-                                       strict=False, itq_iters=5)
+    student = littlebit.convert(teacher, littlebit.LittleBitRule(
+        pattern=r"blocks/.*/kernel", bpw=1.0, strict=False, itq_iters=5))
     return teacher, student
 
 
@@ -102,14 +102,15 @@ def test_decoder_qat_lowers_loss_freezes_embeddings_flips_signs_compiles_once(de
 
 def test_deploy_after_qat_uses_the_trained_signs(trained):
     _, (_, params, rest, graphdef, _, _, _) = trained
-    packed = transform.deploy(params)
+    packed = littlebit.deploy(params)
     is_form = lambda x: isinstance(x, (form.BinaryLowRank, form.PackedBinaryLowRank))  # noqa: E731
     pairs = list(zip(jax.tree.leaves(params, is_leaf=is_form),
                      jax.tree.leaves(packed, is_leaf=is_form)))
     pairs = [(t, p) for t, p in pairs if isinstance(t, form.BinaryLowRank)]
     assert len(pairs) == 2 * 7
     for t, p in pairs:
-        for lat, bits, n in ((t.u, p.u_bits, t.shape[1]), (t.v, p.v_bits, t.shape[0])):
+        fan_in, fan_out = t.matrix_shape
+        for lat, bits, n in ((t.u, p.u_bits, fan_out), (t.v, p.v_bits, fan_in)):
             np.testing.assert_array_equal(core.unpack_signs(bits, n, axis=1, dtype=jnp.float32),
                                           jnp.where(lat >= 0, 1.0, -1.0))
     # The training form with the deployed (16-bit, fused) scales gives the deployed outputs.
@@ -118,7 +119,8 @@ def test_deploy_after_qat_uses_the_trained_signs(trained):
             return leaf
         f16 = lambda x: x.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
         return form.BinaryLowRank(u=leaf.u, v=leaf.v, h=f16(leaf.h), g=f16(leaf.g),
-                                  lu=f16(leaf.lu * leaf.lv), lv=jnp.ones_like(leaf.lv))
+                                  lu=f16(leaf.lu * leaf.lv), lv=jnp.ones_like(leaf.lv),
+                                  grad=leaf.grad, fold=leaf.fold)
 
     rounded = jax.tree.map(round_scales, params, is_leaf=is_form)
     tokens = jnp.asarray(_tokens(1, seed=5)[0]["tokens"])
@@ -131,8 +133,8 @@ def test_encoder_qat_lowers_loss_and_raises_cosine():
     cfg = bert.BertConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4,
                           intermediate_size=128, max_position_embeddings=16)
     teacher = bert.Bert(cfg, rngs=nnx.Rngs(0))
-    student = transform.compress_model(teacher, rules.Rule(pattern=r"encoder/.*/kernel"), bpw=1.0,
-                                       strict=False, itq_iters=5)
+    student = littlebit.convert(teacher, littlebit.LittleBitRule(
+        pattern=r"encoder/.*/kernel", bpw=1.0, strict=False, itq_iters=5))
     tgraph, tstate = nnx.split(teacher)
     rng = np.random.default_rng(0)
 

@@ -6,7 +6,10 @@ In Flax layout (``kernel (in, out)``, ``y = x @ kernel``) one path of rank ``r``
 
 with ``V (in, r)``, ``U (out, r)``, column scale ``g (in)``, row scale ``h (out)`` and latent
 scale ``l (r)``; the kernel is the sum of ``P`` such paths (``P = 2`` with the residual path),
-stored stacked on a leading axis. Two forms hold it:
+stored stacked on a leading axis. An N-D kernel (``DenseGeneral``/``LinearGeneral``/``Einsum``)
+is folded into its ``(in, out)`` matrix first; the forms factor that matrix (``matrix_shape``,
+``matrix()``) and record the static :class:`~subspace_jax.forms.Fold`, so ``shape`` and
+``materialize()`` are the N-D kernel's. Two forms hold it:
 
 * :class:`BinaryLowRank` (training): real latent ``u``, ``v`` whose signs are used, with a
   SmoothSign (``tanh(100 x)``) or clipped straight-through gradient, and the latent scale
@@ -34,7 +37,7 @@ import numpy as np
 from subspace_jax import forms
 from subspace_jax.littlebit import core
 
-__all__ = ["BinaryLowRank", "PackedBinaryLowRank", "contract_factories"]
+__all__ = ["BinaryLowRank", "PackedBinaryLowRank"]
 
 _SIGNS = {"smooth": core.smooth_sign, "clipped": core.clipped_sign}
 
@@ -129,43 +132,62 @@ class BinaryLowRank(forms.KernelForm):
         key: jax.Array | None = None,
         grad: str = "smooth",
         dtype: Any = None,
+        in_axes: int | tuple[int, ...] | None = None,
     ) -> "BinaryLowRank":
-        """Initialise from a dense ``(in, out)`` kernel by Dual-SVID and Joint-ITQ.
+        """Initialise from a dense ``(in, out)`` (or N-D, folded) kernel by Dual-SVID and Joint-ITQ.
+
+        An N-D kernel (``DenseGeneral``/``LinearGeneral``/``Einsum``) is folded into its
+        ``(in, out)`` matrix by :func:`subspace_jax.forms.fold_kernel`; that matrix is what the
+        paths factor, and the form records the :class:`~subspace_jax.forms.Fold`, so
+        :meth:`materialize` returns the N-D kernel.
 
         Args:
-            kernel: finite 2-D ``(in, out)`` array.
-            rank: rank per path, ``1 <= rank <= min(in, out)``.
+            kernel: finite 2-D ``(in, out)`` array, or an N-D one with ``in_axes``.
+            rank: rank per path, ``1 <= rank <= min(in, out)`` of the (folded) matrix.
             residual: add the residual path (fitted to what the binarised primary leaves).
             itq_iters: Joint-ITQ alternations; 0 gives plain Dual-SVID.
             key: PRNG key of ITQ's random start (default ``jax.random.key(0)``).
             grad: the sign's surrogate gradient, ``"smooth"`` or ``"clipped"``.
             dtype: dtype of the stored arrays (default: the kernel's); maths in float32.
+            in_axes: for an N-D kernel, the kernel axes that contract with the input (see
+                :class:`subspace_jax.forms.Fold`); None for a 2-D ``(in, out)`` kernel.
 
         Returns:
             The training form.
 
         Raises:
-            ValueError: a non-2-D kernel, NaN/Inf entries, or a rank out of range.
+            ValueError: a kernel that is not 2-D and has no fitting ``in_axes``, NaN/Inf
+                entries, or a rank out of range.
 
         Examples:
-            >>> import jax.numpy as jnp
+            >>> import jax, jax.numpy as jnp
             >>> from subspace_jax import littlebit
             >>> k = littlebit.BinaryLowRank.from_dense(jnp.eye(16), rank=8, residual=False)
             >>> k.paths, k.dtype
             (1, dtype('float32'))
+            >>> w = jax.random.normal(jax.random.key(0), (2, 16, 8))   # Einsum (heads, d, head_dim)
+            >>> k3 = littlebit.BinaryLowRank.from_dense(w, rank=8, in_axes=(1,), itq_iters=2)
+            >>> k3.shape, k3.matrix_shape, k3.materialize().shape
+            ((2, 16, 8), (16, 16), (2, 16, 8))
         """
-        if getattr(kernel, "ndim", None) != 2:
-            raise ValueError(f"expected a 2-D (in, out) kernel, got shape {tuple(jnp.shape(kernel))}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(kernel.shape):
-            raise ValueError(
-                f"rank must be an int in [1, {min(kernel.shape)}] for {kernel.shape}, got {rank!r}")
-        if not bool(jnp.isfinite(kernel).all()):
-            bad = int(kernel.size - jnp.isfinite(kernel).sum())
+        ndim = getattr(kernel, "ndim", None)
+        if ndim is None or ndim < 2:
+            raise ValueError(f"expected a 2-D (in, out) or an N-D kernel, got shape "
+                             f"{tuple(jnp.shape(kernel))}")
+        matrix, fold = forms.fold_kernel(kernel, in_axes)
+        low = min(matrix.shape)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= low:
+            folded = f" (kernel {tuple(kernel.shape)} folded)" if fold is not None else ""
+            raise ValueError(f"rank must be an int in [1, {low}] for "
+                             f"{tuple(matrix.shape)}{folded}, got {rank!r}")
+        if not bool(jnp.isfinite(matrix).all()):
+            bad = int(matrix.size - jnp.isfinite(matrix).sum())
             raise ValueError(f"kernel contains NaN or Inf ({bad} non-finite entries)")
         key = jax.random.key(0) if key is None else key
-        parts = core.littlebit_init(kernel.T, key, rank=rank, residual=residual, itq_iters=itq_iters)
+        parts = core.littlebit_init(matrix.T, key, rank=rank, residual=residual,
+                                    itq_iters=itq_iters)
         dtype = jnp.dtype(dtype if dtype is not None else kernel.dtype)
-        return cls(**{k: t.astype(dtype) for k, t in parts.items()}, grad=grad)
+        return cls(**{k: t.astype(dtype) for k, t in parts.items()}, grad=grad, fold=fold)
 
     @property
     def rank(self) -> int:
@@ -328,26 +350,3 @@ class PackedBinaryLowRank(forms.KernelForm):
     def flops(self, tokens: int) -> int:
         return 2 * int(tokens) * self.paths * self.rank * sum(self.matrix_shape)
 
-
-def contract_factories() -> dict[str, Any]:
-    """Factories ``(key, (in, out), dtype) -> form`` for the shared form contract suite.
-
-    Rank 8 with the residual path, a few ITQ steps; the packed form uses ``uint8`` words,
-    so shapes that are not multiples of 8 exercise the padding.
-
-    Examples:
-        >>> import jax, jax.numpy as jnp
-        >>> from subspace_jax import littlebit
-        >>> make = littlebit.contract_factories()
-        >>> sorted(make), make["littlebit_packed"](jax.random.key(0), (16, 12), jnp.float32).shape
-        (['littlebit', 'littlebit_packed'], (16, 12))
-    """
-
-    def train(key, shape, dtype):
-        kernel = jax.random.normal(key, shape, jnp.float32)
-        return BinaryLowRank.from_dense(kernel, rank=8, itq_iters=5, key=key, dtype=dtype)
-
-    def packed(key, shape, dtype):
-        return train(key, shape, dtype).deploy()
-
-    return {"littlebit": train, "littlebit_packed": packed}

@@ -258,20 +258,22 @@ def setup(student: nnx.Module, loss_fn: Callable, tx: optax.GradientTransformati
     Returns:
         ``(step, params, opt_state, rest, mask, graphdef)``, ``step`` from
         :func:`subspace_jax.train.make_train_step`. ``params`` and ``rest`` are copies, as
-        the step donates them (compression shares the uncompressed leaves with the teacher).
+        the step donates them (a student made by :func:`~subspace_jax.littlebit.transform` shares
+        its uncompressed leaves with the teacher).
         Run the step with :func:`subspace_jax.train.fit` on :func:`with_teacher` batches,
         then ``nnx.merge(graphdef, params, rest)``.
 
     Examples:
         >>> import jax, jax.numpy as jnp, optax
         >>> from flax import nnx
-        >>> from subspace_jax import littlebit, rules
+        >>> from subspace_jax import littlebit
         >>> from subspace_jax.littlebit import qat
         >>> from subspace_jax.models import llama
         >>> teacher = llama.Llama(llama.LlamaConfig(vocab_size=32, dim=32, depth=1, heads=2),
         ...                       rngs=nnx.Rngs(0))
-        >>> student = littlebit.compress_model(teacher, rules.Rule(pattern="blocks/.*kernel"),
-        ...                                    bpw=4.0, strict=False, itq_iters=2)
+        >>> rule = littlebit.LittleBitRule(pattern="blocks/.*kernel", bpw=4.0, strict=False,
+        ...                                itq_iters=2)
+        >>> student = littlebit.convert(teacher, rule)
         >>> tgraph, tstate = nnx.split(teacher)
         >>> step, params, opt, rest, mask, graphdef = qat.setup(
         ...     student, qat.lm_loss_fn(tgraph), optax.adam(1e-3))
@@ -281,8 +283,9 @@ def setup(student: nnx.Module, loss_fn: Callable, tx: optax.GradientTransformati
         (['hidden', 'kl', 'loss'], False)
     """
     graphdef, params, rest = train.split_model(student)
-    # The step donates params and rest: copy them, since compression keeps the uncompressed
-    # leaves (embeddings, norms) as the teacher's own buffers.
+    # The step donates params and rest: copy them, since a student made by transform() on the
+    # teacher's state keeps the uncompressed leaves (embeddings, norms) as the teacher's own
+    # buffers (convert() already copies; one more copy is cheap).
     params, rest = jax.tree.map(jnp.copy, (params, rest))
     mask = train.trainable_mask(params, train=train_rules(frozen))
     step = train.make_train_step(graphdef, loss_fn, tx, mask=mask)
