@@ -52,13 +52,25 @@ class Contraction:
 
 
 def dense(x_ndim: int) -> Contraction:
-    """``Dense`` / ``nnx.Linear``: the last axis of ``x`` with kernel axis 0."""
+    """``Dense`` / ``nnx.Linear``: the last axis of ``x`` with kernel axis 0.
+
+    Examples:
+        >>> from subspace_jax import contraction
+        >>> contraction.dense(x_ndim=3)
+        Contraction(x_axes=(2,), in_axes=(0,), out_perm=None)
+    """
     return Contraction((x_ndim - 1,), (0,))
 
 
 def general(axis: int | Sequence[int], x_ndim: int) -> Contraction:
     """``DenseGeneral`` / ``nnx.LinearGeneral`` (no batch axes): ``axis`` of ``x`` with the
-    leading kernel axes; the output is ``x``'s other axes, then the features."""
+    leading kernel axes; the output is ``x``'s other axes, then the features.
+
+    Examples:
+        >>> from subspace_jax import contraction
+        >>> contraction.general(-1, x_ndim=3)                  # q/k/v: (d, heads, head_dim)
+        Contraction(x_axes=(2,), in_axes=(0,), out_perm=None)
+    """
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     axes = tuple(int(a) % x_ndim for a in axes)
     return Contraction(axes, tuple(range(len(axes))))
@@ -71,6 +83,17 @@ def einsum(equation: str, x_ndim: int) -> Contraction:
         ValueError: an equation this library cannot fold: a letter shared by ``x``, the
             kernel and the output (a batched contraction), or a letter summed away on one
             side only.
+
+    Examples:
+        >>> from subspace_jax import contraction
+        >>> contraction.einsum("...D,NDH->...NH", x_ndim=3)
+        Contraction(x_axes=(2,), in_axes=(1,), out_perm=None)
+        >>> contraction.einsum("BTD,DNH->BHTN", x_ndim=3).out_perm    # output reordered
+        (0, 3, 1, 2)
+        >>> contraction.einsum("BND,NDH->BNH", x_ndim=3)
+        Traceback (most recent call last):
+        ...
+        ValueError: Einsum equation 'BND,NDH->BNH': 'N' is a batch axis of both x and the kernel; a kernel form needs a plain contraction
     """
     eq = equation.replace(" ", "")
     if "->" not in eq or eq.count(",") != 1:

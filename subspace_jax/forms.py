@@ -608,7 +608,22 @@ def collect() -> Iterator[dict[str, Any]]:
 
 
 def emit(key: str, value: Any) -> None:
-    """Hand refreshed per-step state to the innermost :func:`collect` block, if any."""
+    """Hand refreshed per-step state to the innermost :func:`collect` block, if any.
+
+    Raises:
+        ValueError: a second emission under the same key in one block.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> forms.emit("ignored", jnp.ones(2))          # outside collect(): nothing happens
+        >>> with forms.collect() as got:
+        ...     forms.emit("a", 1)
+        ...     forms.emit("a", 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: two forms emitted state under 'a': give each its own state_key (one layer called twice in one step is not supported)
+    """
     stack = getattr(_EMITTED, "stack", None)
     if stack:
         if key in stack[-1]:
