@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from subspace_jax import baselines, data, experiment, measure, rules, train, wasi
+from subspace_jax import baselines, data, experiment, forms, measure, rules, train, wasi
 from subspace_jax.models import bert, vit
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -66,7 +66,8 @@ def wasi_method(*, energy: float = 0.9, activation_eps: float | None = 0.9,
                 variant: str = "factored", name: str | None = None,
                 lr: float = 1e-4, quick_lr: float = 2e-4) -> baselines.Method:
     """A :class:`~subspace_jax.baselines.Method` converting MiniLM's MLP (and optionally
-    attention) Linears with :func:`subspace_jax.wasi.convert`, calibrated on the first
+    attention) Linears with :func:`subspace_jax.wasi.convert` (one
+    :class:`~subspace_jax.wasi.WasiRule` per pattern, carrying the settings), calibrated on the first
     training texts; everything else trains as in full fine-tuning (as in the paper).
 
     Learning rate: WASI's own, as LoRA has its own (2e-3). 1e-4 was picked on validation
@@ -96,9 +97,9 @@ def wasi_method(*, energy: float = 0.9, activation_eps: float | None = 0.9,
         def sample(m):
             return train.cross_entropy(baselines._logits(m, batch), batch["labels"])
 
-        return wasi.convert(model, [rules.Rule(pattern=p) for p in patterns], energy,
-                            sample=sample, activation_eps=activation_eps,
-                            budget_bytes=budget, variant=variant)
+        rules_ = [wasi.WasiRule(pattern=p, energy=energy, activation_eps=activation_eps)
+                  for p in patterns]
+        return wasi.convert(model, rules_, sample=sample, budget_bytes=budget, variant=variant)
 
     label = name or (f"wasi_e{activation_eps:g}" if activation_eps is not None else "wasi_knap")
     return baselines.Method(name=label, convert=convert, post_update=wasi.post_update,
@@ -107,15 +108,24 @@ def wasi_method(*, energy: float = 0.9, activation_eps: float | None = 0.9,
 
 class RematLayer(bert.Layer):
     """A BERT layer whose forward is rematerialised in backward (``nnx.remat``, with the
-    class attribute ``policy``: None recomputes everything but the layer's inputs)."""
+    class attribute ``policy``: None recomputes everything but the layer's inputs).
+
+    The state that WASI's forms emit inside (their refreshed activation bases) is collected
+    inside the rematerialised function and returned by it, then emitted again outside: a
+    value may not leave ``jax.checkpoint`` by a side channel."""
 
     policy = None
 
     def __call__(self, x, mask, *, deterministic, rngs):
         def body(layer, x, mask, rngs):
-            return bert.Layer.__call__(layer, x, mask, deterministic=deterministic, rngs=rngs)
+            with forms.collect() as emitted:
+                y = bert.Layer.__call__(layer, x, mask, deterministic=deterministic, rngs=rngs)
+            return y, dict(emitted)
 
-        return nnx.remat(body, policy=self.policy)(self, x, mask, rngs)
+        y, emitted = nnx.remat(body, policy=self.policy)(self, x, mask, rngs)
+        for key, value in emitted.items():
+            forms.emit(key, value)
+        return y
 
 
 class RematNonLinear(RematLayer):
@@ -231,7 +241,7 @@ def analytic_mlp_bytes(run: baselines.Run, batch) -> dict[str, int]:
     """The paper's count over the MLP Linears: full inputs, or Tucker core + factors."""
     b, t = batch["input_ids"].shape
     model = nnx.merge(run.graphdef, run.params, run.rest)
-    plans = getattr(model, "wasi_plans", ())
+    plans = wasi.plans(run.params)
     full = 0
     for layer in model.bert.encoder.layers:
         full += wasi.calibration.activation_bytes((b, t, layer.mlp.up.in_features))
@@ -434,9 +444,9 @@ def vit_case(steps: int, seed: int, repeats: int, batch_size: int = 64) -> dict[
     def loss(m, b, key):
         return train.cross_entropy(m(b["x"]), b["y"])
 
+    rule = wasi.WasiRule(pattern=wasi.MLP_PATTERN, energy=0.9, activation_eps=0.9)
     models = {"vit_full": model,
-              "vit_wasi": wasi.convert(model, sample=lambda m: loss(m, calib, None), energy=0.9,
-                                       activation_eps=0.9)}
+              "vit_wasi": wasi.convert(model, rule, sample=lambda m: loss(m, calib, None))}
     out, fns = {}, {}
     for name, m in models.items():
         graphdef, params, rest = train.split_model(m)
@@ -456,7 +466,7 @@ def vit_case(steps: int, seed: int, repeats: int, batch_size: int = 64) -> dict[
         tucker = sum(r.nbytes for r in measure.saved_residuals(
             lambda p: loss(nnx.merge(graphdef, p, rest, copy=True), calib, key), params).items
             if "'compress'" in r.source)
-        plans = getattr(m, "wasi_plans", ())
+        plans = wasi.plans(m)
         out[name] = {"test_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == digits.test.y)),
                      "compiled_memory": res["compiled_memory"],
                      "residual_bytes": res["residual_bytes"], "tucker_residual_bytes": tucker,

@@ -109,8 +109,8 @@ def _loss(model, batch, key):
 def wasi_lorapre_checks(block: Block) -> dict:
     """WASI conversion, then two jitted WASI train steps driven by LoRA-Pre."""
     x, y = _data()
-    model = wasi.convert(block, sample=lambda m: m(x), energy=0.9, activation_eps=0.9,
-                         verbose=False)
+    rule = wasi.WasiRule(pattern=wasi.MLP_PATTERN, energy=0.9, activation_eps=0.9)
+    model = wasi.convert(block, rule, sample=lambda m: m(x), verbose=False)
     converted_out = _apply(model, x)
     graphdef, params, rest = train.split_model(model)
     traces = []
@@ -121,7 +121,7 @@ def wasi_lorapre_checks(block: Block) -> dict:
 
     tx = lorapre.lorapre(1e-2, rank=2)
     step = train.make_train_step(graphdef, loss, tx, post_update=wasi.post_update,
-                                 donate=False)  # the arrays are shared with ``model``
+                                 donate=False)  # ``model`` is evaluated after the steps
     opt = jax.jit(lambda p: train.init_optimizer(tx, p))(params)
     losses = []
     for i in range(2):

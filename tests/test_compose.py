@@ -109,7 +109,8 @@ def wasi_runs(counting):
     """One WASI model trained by LoRA-Pre (rank 4) and by Adam, on committed arrays (as
     restored checkpoints are, so that resuming reuses the compiled step)."""
     inputs = _tokens(1)
-    model = wasi.convert(_model(), sample=lambda m: m(inputs[:, :-1]), energy=0.9, verbose=False)
+    rule = wasi.WasiRule(pattern=wasi.MLP_PATTERN, energy=0.9)
+    model = wasi.convert(_model(), rule, sample=lambda m: m(inputs[:, :-1]), verbose=False)
     graphdef, params, rest = train.split_model(model)
     batches = [{"tokens": inputs}] * STEPS
     runs = {}
@@ -316,7 +317,8 @@ def test_littlebit_lorapre_checkpoint_reloads_trained_and_deployed(qat_runs, tmp
 def test_methods_refuse_each_others_forms_at_transform_time():
     model = littlebit.convert(_model(), _mlp_bits(4.0, strict=False, itq_iters=1))
     x = _tokens(1)
-    with pytest.raises(ValueError, match=r"WASI converts 2-D .* kernels, got BinaryLowRank"):
+    with pytest.raises(TypeError, match=r"mlp/.*kernel.*WASI converts dense kernels, got a "
+                                        r"BinaryLowRank form"):
         wasi.convert(model, sample=lambda m: m(x), verbose=False)
     with pytest.raises(TypeError, match=r"mlp/.*kernel.*already a BinaryLowRank; materialize it"):
         nested.convert(model)

@@ -13,18 +13,8 @@ from subspace_jax import checkpoint, experiment, forms, linalg, measure, rules, 
 from subspace_jax.wasi import calibration, core
 
 
-def factory(key, shape, dtype):
-    """Contract-suite factory: WASI's kernel is a ``LowRank`` with orthonormal ``b``
-    (``split=1``) at rank ``min(shape) // 2``; stored bits ``8 * itemsize * K * (in + out)``."""
-    w = jax.random.normal(key, shape, jnp.float32)
-    return forms.LowRank.from_dense(w, rank=max(min(shape) // 2, 1), split=1.0, dtype=dtype)
-
-
-def test_factory_bits_hand_counted():
-    k = factory(jax.random.key(0), (12, 8), jnp.bfloat16)
-    assert k.bits == 8 * 2 * 4 * (12 + 8)
-    np.testing.assert_allclose(np.asarray(k.b.astype(jnp.float32) @ k.b.T.astype(jnp.float32)),
-                               np.eye(4), atol=2e-2)
+def _rule(**settings):
+    return wasi.WasiRule(pattern=wasi.MLP_PATTERN, **settings)
 
 
 def _full_ranks(shape):
@@ -69,8 +59,8 @@ def test_full_rank_gradients_equal_dense_autodiff(shape, order):
 def test_converted_layer_gradients_equal_dense_layer(shape):
     x = jax.random.normal(jax.random.key(1), shape)
     dense = nnx.Dict(mlp=nnx.Dict(up=nnx.Linear(6, 5, rngs=nnx.Rngs(0))))
-    conv = wasi.convert(dense, sample=lambda m: m["mlp"]["up"](x), energy=1.0,
-                        activation_ranks=_full_ranks(shape), verbose=False)
+    conv = wasi.convert(dense, _rule(energy=1.0, activation_ranks=_full_ranks(shape)),
+                        sample=lambda m: m["mlp"]["up"](x), verbose=False)
     assert conv["mlp"]["up"].kernel.get_value().rank == 5
 
     def loss(model, x):
@@ -119,7 +109,7 @@ def test_saved_residuals_hold_no_full_size_input():
     extra = [r for r in res.items if not r.is_input]
     assert any(r.shape == x.shape and not r.is_input for r in res_dense.items)  # the test can fail
     assert all(int(np.prod(r.shape)) < x.size for r in extra)
-    plan = conv.wasi_plans[0]
+    plan, = wasi.plans(conv)
     tucker = sum(r.nbytes for r in extra if "'compress'" in r.source)
     assert tucker == plan.compressed_bytes  # measured residual bytes == the analytic count
 
@@ -235,8 +225,8 @@ def _loss(model, batch, key):
 @pytest.mark.parametrize("variant", ["factored", "master"])
 def test_train_step_refreshes_state_without_retracing(variant):
     x, y = _data()
-    model = wasi.convert(_mlp(), sample=lambda m: _forward(m, x), energy=0.9,
-                         activation_eps=0.9, variant=variant, verbose=False)
+    model = wasi.convert(_mlp(), _rule(energy=0.9, activation_eps=0.9),
+                         sample=lambda m: _forward(m, x), variant=variant, verbose=False)
     graphdef, params, rest = train.split_model(model)
     traces = []
 
@@ -247,26 +237,23 @@ def test_train_step_refreshes_state_without_retracing(variant):
     tx = train.adamw(1e-2, 20)   # global-norm clipping maps over the kernel forms too
     step = train.make_train_step(graphdef, loss, tx, post_update=wasi.post_update)
     opt = train.init_optimizer(tx, params)
-    first_basis = jax.tree.map(jnp.copy, rest["mlp"]["up"]["act_basis"].get_value())
+    first_basis = jax.tree.map(jnp.copy, params["mlp"]["up"]["kernel"].get_value().basis)
     losses = []
     for i in range(20):
         batch = (x + 0.1 * jax.random.normal(jax.random.key(i), x.shape), y)
         params, opt, rest, m = step(params, opt, rest, batch, jax.random.key(i))
         losses.append(float(m["loss"]))
-        if variant == "factored":
-            k = params["mlp"]["up"]["kernel"].get_value()
-        else:
-            k = rest["mlp"]["up"]["weight_basis"].get_value()
+        k = params["mlp"]["up"]["kernel"].get_value()
+        assert isinstance(k, wasi.WasiMasterKernel) == (variant == "master")
         np.testing.assert_allclose(k.b @ k.b.T, jnp.eye(k.rank), atol=1e-5)
     print(f"{variant}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert len(traces) == 1
     assert losses[-1] < 0.8 * losses[0]
-    new_basis = rest["mlp"]["up"]["act_basis"].get_value()
+    new_basis = params["mlp"]["up"]["kernel"].get_value().basis   # absorbed every step
     assert any(not np.allclose(u, v) for u, v in zip(new_basis, first_basis))
     if variant == "master":   # the factors follow the master kernel's top-K subspace
-        w = params["mlp"]["up"]["kernel"].get_value()
-        form = rest["mlp"]["up"]["weight_basis"].get_value()
-        proj = w @ form.b.T @ form.b
+        form = params["mlp"]["up"]["kernel"].get_value()
+        proj = form.w @ form.b.T @ form.b
         np.testing.assert_allclose(form.materialize(), proj, atol=1e-4)
 
 
@@ -274,12 +261,16 @@ def test_eval_accepts_other_batch_and_leaves_state():
     x, _ = _data()
     model = wasi.convert(_mlp(), sample=lambda m: _forward(m, x), verbose=False)
     graphdef, params, rest = train.split_model(model)
-    before = jax.tree.map(np.asarray, rest)
+    before = jax.tree.map(np.asarray, params)
     big = jnp.ones((3 * x.shape[0], 6, 16))
     out = nnx.merge(graphdef, params, rest, copy=True)
-    y = _forward(out, big)
+    with forms.collect() as emitted:
+        y = _forward(out, big)
     assert y.shape == (24, 6, 1)
-    after = jax.tree.map(np.asarray, train.split_model(out)[2])
+    for name in ("up", "down"):     # undifferentiated: the bases come back unchanged
+        kernel = params["mlp"][name]["kernel"].get_value()
+        jax.tree.map(np.testing.assert_array_equal, emitted[f"mlp/{name}/kernel"], kernel.basis)
+    after = jax.tree.map(np.asarray, train.split_model(out)[1])
     jax.tree.map(np.testing.assert_array_equal, before, after)
 
 
@@ -292,14 +283,21 @@ def test_tree_factorize_on_dict_and_state_matches_convert():
     as_dict = jax.tree.map(lambda v: v, params.to_pure_dict())
     on_state = wasi.factorize(params, energy=0.8)
     on_dict = wasi.factorize(as_dict, energy=0.8)
-    conv = wasi.convert(model, sample=lambda m: _forward(m, x), energy=0.8, verbose=False)
+    conv = wasi.convert(model, _rule(energy=0.8), sample=lambda m: _forward(m, x), verbose=False)
+    graphdef = nnx.graphdef(model)
+    pure = wasi.transform(as_dict, _rule(energy=0.8),
+                          sample=lambda p: _forward(nnx.merge(graphdef, p), x))
     for name in ("up", "down"):
         k_state = on_state["mlp"][name]["kernel"].get_value()
         k_dict = on_dict["mlp"][name]["kernel"]
         k_conv = conv["mlp"][name].kernel.get_value()
-        assert k_state.rank == k_dict.rank == k_conv.rank < min(k_state.shape)
+        k_pure = pure["mlp"][name]["kernel"]
+        assert k_state.rank == k_dict.rank == k_conv.rank == k_pure.rank < min(k_state.shape)
         np.testing.assert_array_equal(k_state.b, k_conv.b)
+        np.testing.assert_array_equal(k_pure.b, k_conv.b)       # a pure dict, as the model
+        jax.tree.map(np.testing.assert_array_equal, k_pure.basis, k_conv.basis)
     assert not forms.is_form(on_dict["head"]["kernel"])
+    assert pure["head"]["kernel"] is as_dict["head"]["kernel"]  # unselected: the input's own
     scaled = forms.LowRank(2 * k_dict.a, 3 * k_dict.b)
     tree = wasi.orthonormalize({"mlp": {"up": {"kernel": scaled}}})
     k2 = tree["mlp"]["up"]["kernel"]
@@ -309,13 +307,17 @@ def test_tree_factorize_on_dict_and_state_matches_convert():
 def test_attention_rule_and_summary_table():
     x, _ = _data()
     model = nnx.Dict(attn=nnx.Dict(q=nnx.Linear(16, 16, rngs=nnx.Rngs(0))), **_mlp())
-    rule = [rules.Rule(pattern=wasi.MLP_PATTERN), rules.Rule(pattern=wasi.ATTENTION_PATTERN)]
-    conv = wasi.convert(model, rule, sample=lambda m: _forward(m, m["attn"]["q"](x)), verbose=False)
-    assert isinstance(conv["attn"]["q"], wasi.WasiLinear)
-    assert not isinstance(conv["head"], wasi.WasiLinear)
-    table = wasi.summary(conv)
+    rule = [_rule(), rules.Rule(pattern=wasi.ATTENTION_PATTERN)]   # a plain Rule: defaults
+    conv, plans = wasi.convert(model, rule, sample=lambda m: _forward(m, m["attn"]["q"](x)),
+                               verbose=False, return_plans=True)
+    assert isinstance(conv["attn"]["q"].kernel.get_value(), wasi.WasiKernel)
+    assert not forms.is_form(conv["head"].kernel.get_value())
+    table = wasi.summary(plans)
     print(table)
-    assert {"attn/q", "mlp/up", "mlp/down"} <= {line.split()[0] for line in table.splitlines()}
+    assert table == wasi.summary(conv)
+    assert {"attn/q/kernel", "mlp/up/kernel", "mlp/down/kernel"} <= {
+        line.split()[0] for line in table.splitlines()}
+    assert all(p.eps == 0.4 for p in plans)   # no eps, ranks or budget: the default eps
 
 
 @pytest.mark.parametrize("variant", ["factored", "master"])
@@ -326,8 +328,8 @@ def test_export_is_factored_and_checkpoints(tmp_path, variant):
     _, state = nnx.split(plain)
     shapes = [leaf.shape for leaf in jax.tree.leaves(state)]
     assert (16, 32) not in shapes and (32, 16) not in shapes      # no dense MLP kernel
-    assert not any(isinstance(v, nnx.Variable) and issubclass(type(v), wasi.ActivationBasis)
-                   for _, v in rules.leaf_paths(state)[0])
+    assert type(state["mlp"]["up"]["kernel"].get_value()) is forms.LowRank  # no basis
+    jax.tree.map(np.testing.assert_array_equal, wasi.export(nnx.state(conv)), state)
     big = jnp.ones((5, 6, 16))
     np.testing.assert_allclose(_forward(plain, big), _forward(conv, big), atol=1e-5)
     flops = measure.flops(jax.jit(lambda s: _forward(nnx.merge(nnx.graphdef(plain), s), big)),
@@ -351,26 +353,33 @@ def test_errors_name_the_layer():
     x, _ = _data()
     sample = lambda m: _forward(m, x)  # noqa: E731
     for bad in (0.0, 1.5, -0.1):
-        with pytest.raises(ValueError, match=r"energy.*\(0, 1\]"):
-            wasi.convert(_mlp(), sample=sample, energy=bad, verbose=False)
-        with pytest.raises(ValueError, match=r"mlp/(up|down).*activation_eps must be in \(0, 1\]"):
-            wasi.convert(_mlp(), sample=sample, activation_eps=bad, verbose=False)
-    with pytest.raises(ValueError, match=r"'mlp/(up|down)'.*rank 9 of mode 0.*\[1, 8\]"):
-        wasi.convert(_mlp(), sample=sample, activation_ranks=(9, 2, 2), verbose=False)
+        with pytest.raises(ValueError, match=r"WasiRule.*energy.*\(0, 1\]"):
+            _rule(energy=bad)
+        with pytest.raises(ValueError, match=r"WasiRule.*activation_eps must be in \(0, 1\]"):
+            _rule(activation_eps=bad)
+    with pytest.raises(TypeError, match=r"energy moved to the rules.*WasiRule"):
+        wasi.convert(_mlp(), sample=sample, energy=0.9, verbose=False)
+    with pytest.raises(ValueError, match=r"'mlp/(up|down)/kernel'.*rank 9 of mode 0.*\[1, 8\]"):
+        wasi.convert(_mlp(), _rule(activation_ranks=(9, 2, 2)), sample=sample, verbose=False)
+    with pytest.raises(ValueError, match=r"never called the layers of the kernels.*mlp/down"):
+        wasi.convert(_mlp(), sample=lambda m: m["mlp"]["up"](x), verbose=False)
     conv = wasi.convert(_mlp(), sample=sample, verbose=False)
     graphdef, params, rest = train.split_model(conv)
     step = train.make_train_step(graphdef, _loss, optax.sgd(0.1), post_update=wasi.post_update)
     opt = train.init_optimizer(optax.sgd(0.1), params)
-    with pytest.raises(ValueError, match=r"'mlp/up'.*\(4, 6, 16\) differs from the "
+    with pytest.raises(ValueError, match=r"'mlp/up/kernel'.*\(4, 6, 16\) differs from the "
                                          r"calibrated.*\(8, 6, 16\)"):
         step(params, opt, rest, (x[:4], x[:4, :, :1]), jax.random.key(0))
     conv_model = nnx.Dict(mlp=nnx.Dict(conv=nnx.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0)),
                                        up=nnx.Linear(4, 4, rngs=nnx.Rngs(0))))
-    with pytest.raises(ValueError, match=r"'mlp/conv/kernel'.*2-D.*\(3, 3, 2, 3\)"):
+    with pytest.raises(ValueError, match=r"'mlp/conv/kernel'.*4-D kernel of shape "
+                                         r"\(3, 3, 2, 3\) needs in_axes"):
         wasi.convert(conv_model, sample=lambda m: m["mlp"]["up"](jnp.ones((2, 4))), verbose=False)
-    with pytest.raises(ValueError, match=r"'mlp/conv/kernel'.*2-D"):
+    with pytest.raises(ValueError, match=r"'mlp/conv/kernel'.*needs in_axes"):
         _, params = nnx.split(conv_model, nnx.Param)
         wasi.factorize(params)
+    with pytest.raises(TypeError, match=r"'mlp/up/kernel'.*already|WasiKernel form"):
+        wasi.convert(conv, sample=sample, verbose=False)
     with pytest.raises(ValueError, match="variant"):
         wasi.convert(_mlp(), sample=sample, variant="svd", verbose=False)
 
@@ -397,13 +406,24 @@ def test_knapsack_is_optimal_against_brute_force():
 def test_convert_with_budget_uses_the_table():
     x, _ = _data()
     sample = lambda m: jnp.sum(_forward(m, x) ** 2)  # noqa: E731
-    tight = wasi.convert(_mlp(), sample=sample, budget_bytes=0, verbose=False)
-    loose = wasi.convert(_mlp(), sample=sample, budget_bytes=10**9, verbose=False)
-    for t, lo in zip(tight.wasi_plans, loose.wasi_plans):
+    _, tight = wasi.convert(_mlp(), sample=sample, budget_bytes=0, verbose=False,
+                            return_plans=True)
+    _, loose = wasi.convert(_mlp(), sample=sample, budget_bytes=10**9, verbose=False,
+                            return_plans=True)
+    for t, lo in zip(tight, loose):
         assert len(t.options) == len(calibration.EPS_GRID)
         assert t.eps == 0.4 and lo.eps == 0.9
         assert t.compressed_bytes < lo.compressed_bytes
     print(wasi.summary(tight), wasi.summary(loose), sep="\n")
+    # a layer with its own eps is fixed; the knapsack shares what it leaves of the budget
+    mixed_rules = [wasi.WasiRule(pattern="mlp/up/kernel", activation_eps=0.9),
+                   wasi.WasiRule(pattern="mlp/down/kernel")]
+    _, mixed = wasi.convert(_mlp(), mixed_rules, sample=sample, budget_bytes=0, verbose=False,
+                            return_plans=True)
+    mixed, tight = ({p.path: p for p in plans} for plans in (mixed, tight))
+    up, down = mixed["mlp/up/kernel"], mixed["mlp/down/kernel"]
+    assert (up.eps, up.options, down.eps) == (0.9, (), 0.4)
+    assert down.act_ranks == tight["mlp/down/kernel"].act_ranks
 
 
 # --- the experiment script ----------------------------------------------------------------------
