@@ -170,8 +170,8 @@ def _correct(graph, split, ranks, batch_size: int = 64) -> dict[int, str]:
 
     n, out = len(split["labels"]), {}
     for r in ranks:
-        state = nested.set_rank(rest, r)
-        preds = np.concatenate([np.asarray(predict(params, state, {
+        at_r = nested.set_rank(params, r, static=False)
+        preds = np.concatenate([np.asarray(predict(at_r, rest, {
             k: jnp.asarray(v[i:i + batch_size]) for k, v in split.items() if k != "labels"}))
             for i in range(0, n, batch_size)])
         out[r] = "".join("1" if hit else "0" for hit in preds == np.asarray(split["labels"]))
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         dense_model = baselines._classifier(cfg, data.load_pydoc_topics().num_classes)
     arrays = bench.eval_arrays(cfg)
     svd_model = nested.convert(dense_model)
-    top = max(m.kernel.get_value().max_rank for _, m in nested.layers(svd_model))
+    top = max(k.max_rank for k in nested.kernels(svd_model).values())
     half = nested.rank_for_budget(svd_model, 0.5, "mlp")  # 50% of the dense-MLP FLOPs
     headline = [top, half, max(1, top // 8)]
     eval_ranks = tuple(sorted({r for r in eval_ranks if r <= top} | set(headline)))
@@ -285,7 +285,8 @@ def main(argv=None) -> int:
         "curriculum_steps": int(args.curriculum * (steps - warm_steps)),
         "log_var_lr": args.log_var_lr,
         "sampled_ranks": {int(r): int(c) for r, c in zip(ranks_seen, counts)},
-        "log_variances": dict(zip(map(str, grid), np.asarray(model.nsn.log_var[...]).tolist())),
+        "log_variances": dict(zip(map(str, grid),
+                                  np.asarray(run.beside[nested.OBJECTIVE].log_var).tolist())),
         "history": {k: run.result["history"]["metrics"][k] for k in
                     ("ce_anchor", "ce_variant", "variant_rank", "s_anchor", "s_variant")},
         "sweep": _sweep((run.graphdef, run.params, run.rest), arrays, eval_ranks, headline),
@@ -346,8 +347,7 @@ def main(argv=None) -> int:
         out["nesting"]["specialists"] = reused["nesting"]["specialists"]
     if len(spec_models) >= 2:
         (r1, m1), (r2, m2) = sorted(spec_models.items())[:2]
-        k1 = dict(nested.layers(m1))[paths[0]].kernel.get_value()
-        k2 = dict(nested.layers(m2))[paths[0]].kernel.get_value()
+        k1, k2 = nested.kernels(m1)[paths[0]], nested.kernels(m2)[paths[0]]
         u = nested.core.image_basis(k1.materialize(), r1)
         v = nested.core.image_basis(k2.materialize(), r2)
         out["nesting"]["specialists"] = {

@@ -141,12 +141,13 @@ def nested_checks(block: Block) -> dict:
     fwd = jax.jit(lambda state: nnx.merge(nnx.graphdef(model), state)(x))
     out = {}
     for r in (16, 4):  # static=False: one compilation serves both ranks
-        state = nested.set_rank(nnx.state(model), r)
+        state = nested.set_rank(nnx.state(model), r, static=False)
         y = np.asarray(fwd(state))
         out[f"nsn_rank{r}_out"] = y[0, 0]
         out[f"nsn_rank{r}_out_norm"] = np.linalg.norm(y)
     dense = np.asarray(_apply(block, x))
-    err = np.linalg.norm(np.asarray(fwd(nested.set_rank(nnx.state(model), 16))) - dense)
+    err = np.linalg.norm(np.asarray(fwd(nested.set_rank(nnx.state(model), 16, static=False)))
+                         - dense)
     out["nsn_full_rank_equals_dense"] = float(err < 1e-5 * np.linalg.norm(dense))
     return out
 

@@ -140,6 +140,12 @@ class Method:
             optimizer (see :func:`subspace_jax.train.make_train_step`).
         loss: ``loss(model, batch, key) -> loss or (loss, aux)`` (default
             :func:`classifier_loss`).
+        beside: ``beside(graphdef, params, rest, loss) -> (train_params, train_loss)`` for a
+            method whose own state trains beside the model's parameters and is returned,
+            not stored on the model (NSN's objective): ``train_params`` is a dict holding
+            the model's parameters under ``"model"``, and ``train_loss(train_params, batch,
+            key)`` runs through ``train.make_train_step(None, ...)``. The run's ``params``
+            are the ``"model"`` part, its ``beside`` the rest.
         lr: default peak learning rate; ``quick_lr`` the default when ``quick`` (None:
             ``lr``).
 
@@ -156,6 +162,7 @@ class Method:
     train: rules.Rule | Sequence[rules.Rule] | None = None
     post_update: Callable[[Any, Any], tuple[Any, Any]] | None = None
     loss: Callable | None = None
+    beside: Callable[[Any, Any, Any, Callable], tuple[Any, Callable]] | None = None
     lr: float = 5e-5
     quick_lr: float | None = None
 
@@ -201,6 +208,7 @@ class Run:
         params: trained parameters.
         rest: non-parameter state.
         initial_params: host copy of the parameters before training (if kept).
+        beside: the method state trained beside the parameters (see :class:`Method`).
     """
 
     result: dict[str, Any]
@@ -208,6 +216,7 @@ class Run:
     params: Any
     rest: Any
     initial_params: Any = None
+    beside: Any = None
 
 
 def _subset(split: data.TextSplit, limit: int | None, seed: int) -> tuple[list[str], np.ndarray]:
@@ -368,13 +377,19 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
     if method.convert is not None:
         model = method.convert(model, cfg, jax.random.key(cfg.seed))
     graphdef, params, rest = train.split_model(model)
+    loss, train_graphdef = method.loss or classifier_loss, graphdef
+    initial = jax.tree.map(np.array, params) if keep_initial else None
+    if method.beside is not None:  # method state trained beside the model's parameters
+        params, loss = method.beside(graphdef, params, rest, loss)
+        train_graphdef = None
+    model_part = (lambda p: p["model"]) if method.beside is not None else (lambda p: p)
     tx = method.optimizer(cfg, lr, steps)
     mask = train.trainable_mask(params, train=method.train)
-    initial = jax.tree.map(np.array, params) if keep_initial else None
     eval_step = train.make_eval_step(graphdef, classifier_metrics)
 
     def evaluate(p, r, split: str) -> dict[str, float]:
-        sums = train.evaluate(eval_step, p, r, evals[split], batch_size=cfg.eval_batch_size)
+        sums = train.evaluate(eval_step, model_part(p), r, evals[split],
+                              batch_size=cfg.eval_batch_size)
         return {f"{split}_loss": sums["loss"] / sums["count"],
                 f"{split}_accuracy": sums["correct"] / sums["count"]}
 
@@ -382,7 +397,7 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
     epochs = math.ceil(steps / (len(labels) // cfg.batch_size))
     batches = data.batches(train_arrays, cfg.batch_size, seed=cfg.seed, epochs=epochs)
     params, rest, history, measures = train.fit_measured(
-        graphdef, params, rest, method.loss or classifier_loss, tx, batches, num_steps=steps,
+        train_graphdef, params, rest, loss, tx, batches, num_steps=steps,
         key=jax.random.key(cfg.seed), mask=mask, post_update=method.post_update,
         evals=cfg.evals, eval_fn=lambda p, r: evaluate(p, r, "val"), progress=progress,
         desc=f"MiniLM {method.name}")
@@ -398,8 +413,9 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
               "median_step_seconds": history.median_step_time(),
               "first_step_seconds": history.step_times[0], "history": history.as_dict(),
               "total_seconds": time.perf_counter() - start}
-    return Run(result=result, graphdef=graphdef, params=params, rest=rest,
-               initial_params=initial)
+    beside = None if method.beside is None else {k: v for k, v in params.items() if k != "model"}
+    return Run(result=result, graphdef=graphdef, params=model_part(params), rest=rest,
+               initial_params=initial, beside=beside)
 
 
 def finetune_text_classifier(*, quick: bool = False, progress: bool = True,

@@ -534,7 +534,8 @@ def measure_step(step: Callable, loss_fn: Callable, graphdef: nnx.GraphDef, para
     Args:
         step: from :func:`make_train_step`.
         loss_fn: the step's ``loss_fn(model, batch, key)``.
-        graphdef: the model's graph.
+        graphdef: the model's graph (None: ``loss_fn`` takes the parameter tree, as in
+            :func:`make_train_step`).
         params, opt_state, rest, batch, key: the step's arguments.
         mask: the trainable mask (None: :func:`trainable_mask` of ``params``).
 
@@ -560,7 +561,9 @@ def measure_step(step: Callable, loss_fn: Callable, graphdef: nnx.GraphDef, para
     trainable, frozen = partition(params, mask)
 
     def objective(t, f, r, b):
-        return _split_loss(loss_fn(nnx.merge(graphdef, combine(t, f), r), b, key))[0]
+        with nn.intercept():
+            model = combine(t, f) if graphdef is None else nnx.merge(graphdef, combine(t, f), r)
+            return _split_loss(loss_fn(model, b, key))[0]
 
     memory = measure.compiled_memory(step, params, opt_state, rest, batch, key)
     residuals = measure.saved_residuals(objective, trainable, frozen, rest, batch, argnums=0)

@@ -189,7 +189,7 @@ def nsn_littlebit():
     base = _model()
     model = nested.convert(base)                            # MLP Linears, R = min(in, out)
     rank = nested.rank_for_budget(model, 0.5)               # largest rank within 50% MLP FLOPs
-    nested.set_rank(model, rank)
+    model = nested.set_rank(model, rank)                    # a new model at that width
     plain_graph, _, plain_rest = train.split_model(sj.adopt(base))
     _, params, _ = train.split_model(model)
     chosen = nested.truncate(params, rank)                  # pure: prefix factors, rank `rank`

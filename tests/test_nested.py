@@ -1,5 +1,6 @@
 """NSN: nested factors, rank control, the two-rank objective, FLOP accounting (tiny models)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -58,7 +59,7 @@ def test_traced_rank_mask_equals_the_static_prefix_and_zeroes_the_tail_gradient(
     f = jax.jit(lambda k, x, r: k.matmul_at(x, k.max_rank, r))
     for r in (1, 4, 9):
         np.testing.assert_allclose(f(k, x, jnp.int32(r)), k.prefix(r).matmul(x), atol=1e-5)
-    grads = jax.grad(lambda k: (k.matmul_at(x, 9, jnp.int32(4)) ** 2).sum())(k)
+    grads = jax.grad(lambda k: (k.matmul_at(x, 9, jnp.int32(4)) ** 2).sum(), allow_int=True)(k)
     assert float(jnp.abs(grads.a[:, 4:]).max()) == 0.0 == float(jnp.abs(grads.b[4:]).max())
     assert float(jnp.abs(grads.a[:, :4]).max()) > 0.0
 
@@ -100,10 +101,13 @@ def test_bad_ranks_are_clear_errors():
 def test_convert_reproduces_the_dense_model_and_keeps_attention_dense():
     model, batch = _classifier(), _batch(jax.random.key(1))
     converted = nested.convert(model)
-    assert [p for p, _ in nested.layers(converted)] == sorted(MLP_PATHS, key=MLP_PATHS.index)
-    assert type(converted.bert.encoder.layers[0].attn.q) is not nested.NestedLinear
+    assert sorted(nested.kernels(converted)) == sorted(MLP_PATHS)
+    assert not forms.is_form(converted.bert.encoder.layers[0].attn.q.kernel.get_value())
     np.testing.assert_allclose(_logits(converted, batch), _logits(model, batch), atol=1e-5)
     assert type(model.bert.encoder.layers[0].mlp.up.kernel.get_value()) is not nested.Nested
+    # the input shares no array with the result
+    ids = {id(x) for x in jax.tree.leaves(nnx.state(model))}
+    assert not ids & {id(x) for x in jax.tree.leaves(nnx.state(converted))}
 
 
 def test_bfloat16_layers_keep_their_dtype():
@@ -119,6 +123,7 @@ def test_bfloat16_layers_keep_their_dtype():
 
 
 def test_default_rules_select_mlp_paths_only():
+    assert nested.MLP_PATTERN is rules.MLP_PATTERN and nested.NestedRule().pattern == rules.MLP_PATTERN
     rule = rules.Rule(pattern=nested.MLP_PATTERN)
     yes = ["bert/encoder/layers/3/mlp/up/kernel", "blocks/0/mlp/gate/kernel",
            "gpt_neox/layers/0/mlp/dense_h_to_4h/kernel", "mlp/layers/0/kernel"]
@@ -133,7 +138,9 @@ def test_factorize_is_a_pure_tree_transform(kind):
     state = nnx.state(_classifier(), nnx.Param)
     tree = {"state": lambda: state, "dict": lambda: nnx.to_pure_dict(state),
             "linen": lambda: {"params": nnx.to_pure_dict(state)}}[kind]()
-    out = nested.factorize(tree, max_rank=4)
+    out = nested.transform(tree, nested.NestedRule(max_rank=4))
+    alias = nested.factorize(tree, max_rank=4)            # the old name, one more release
+    assert jax.tree.structure(alias) == jax.tree.structure(out)
     pairs, _ = rules.leaf_paths(out)
     found = {p: leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf for p, leaf in pairs}
     forms_found = sorted(p for p, x in found.items() if isinstance(x, nested.Nested))
@@ -151,20 +158,24 @@ def test_set_rank_global_per_layer_state_tree_and_truncate_agree():
     up = "bert/encoder/layers/0/mlp/up"
     pure = nested.truncate(nnx.state(model, nnx.Param), {up: 3})
     graphdef, params, rest = train.split_model(model)
-    nested.set_rank(model, {up: 3})
-    assert nested.ranks(model)[up] == 3 == dict(nested.layers(model))[up].width
-    assert nested.ranks(model)["bert/encoder/layers/1/mlp/up"] == 16
-    by_model = _logits(model, batch)
-    by_state = _logits(nnx.merge(graphdef, params, nested.set_rank(rest, {up: 3})), batch)
+    small = nested.set_rank(model, {up: 3})
+    assert nested.ranks(small)[up] == 3 == nested.kernels(small)[up].width
+    assert nested.ranks(small)["bert/encoder/layers/1/mlp/up"] == 16
+    assert set(nested.ranks(model).values()) == {16}                 # the input is unchanged
+    assert {k.width for k in nested.kernels(model).values()} == {16}
+    by_model = _logits(small, batch)
+    traced = nested.set_rank(params, {up: 3}, static=False)
+    assert nested.kernels(traced)[up].width == 16 and nested.ranks(traced)[up] == 3
+    by_state = _logits(nnx.merge(graphdef, traced, rest), batch)
     np.testing.assert_allclose(by_state, by_model, atol=1e-6)  # traced rank == static width
-    layer = model.bert.encoder.layers[0].mlp.up
+    layer = small.bert.encoder.layers[0].mlp.up
     x = jax.random.normal(jax.random.key(2), (5, 16))
     kernel = pure["bert"]["encoder"]["layers"][0]["mlp"]["up"]["kernel"].get_value()
     assert kernel.max_rank == 3
     np.testing.assert_allclose(forms.matmul(x, kernel) + layer.bias[...], layer(x), atol=1e-6)
-    nested.set_rank(model, 7)
-    assert set(nested.ranks(model).values()) == {7}
-    assert {m.width for _, m in nested.layers(model)} == {7}
+    seven = nested.set_rank(small, 7)
+    assert set(nested.ranks(seven).values()) == {7}
+    assert {k.width for k in nested.kernels(seven).values()} == {7}
 
 
 def test_rank_errors_name_the_problem():
@@ -175,13 +186,15 @@ def test_rank_errors_name_the_problem():
         nested.set_rank(nnx.state(model), 17)
     with pytest.raises(ValueError, match=r"not converted: \['bert/encoder/layers/0/attn/q'\]"):
         nested.set_rank(model, {"bert/encoder/layers/0/attn/q": 2})
-    nested.set_rank(model, 4)
+    four = nested.set_rank(model, 4)
     with pytest.raises(ValueError, match=r"above its computed width 4"):
-        nested.set_rank(model, 8, static=False)
+        nested.set_rank(four, 8, static=False)
     with pytest.raises(ValueError, match=r"layers/0/mlp/down/kernel.*max_rank=17 is above min"):
-        nested.convert(_classifier(), max_rank=17)
+        nested.convert(_classifier(), nested.NestedRule(max_rank=17))
     with pytest.raises(ValueError, match="no nested layers"):
         nested.set_rank(_classifier(), 2)
+    with pytest.raises(ValueError, match=r"needs in_axes"):
+        nested.transform({"mlp": {"kernel": jnp.ones((4, 2, 2))}})
 
 
 def test_one_compilation_per_static_rank_and_one_for_every_traced_rank():
@@ -195,7 +208,7 @@ def test_one_compilation_per_static_rank_and_one_for_every_traced_rank():
 
     graphdef, params, rest = train.split_model(model)
     for r in (2, 9, 16, 5):  # traced ranks: one compilation for all
-        jax.block_until_ready(forward(graphdef, params, nested.set_rank(rest, r)))
+        jax.block_until_ready(forward(graphdef, nested.set_rank(params, r, static=False), rest))
     assert len(traces) == 1
     for r in (2, 9, 2, 9):  # static widths: one compilation per rank
         jax.block_until_ready(forward(*train.split_model(nested.set_rank(model, r))))
@@ -220,7 +233,7 @@ def test_forward_flops_follow_r_times_in_plus_out():
 
 def _bert_mlp_tree():
     keys = jax.random.split(jax.random.key(0), 2)
-    return nested.factorize({"mlp": {"up": {"kernel": jax.random.normal(keys[0], (384, 1536))},
+    return nested.transform({"mlp": {"up": {"kernel": jax.random.normal(keys[0], (384, 1536))},
                                      "down": {"kernel": jax.random.normal(keys[1], (1536, 384))}}})
 
 
@@ -270,41 +283,53 @@ def test_rank_for_budget_on_a_model_counts_the_other_linears():
 
 # --- training ---------------------------------------------------------------------------
 
-def _nsn_model(grid=(2, 4, 8, 16), curriculum_steps=0):
-    return nested.attach(nested.convert(_classifier()), grid, curriculum_steps=curriculum_steps)
+GRID = (2, 4, 8, 16)
+
+
+def _nsn(grid=GRID, curriculum_steps=0):
+    """A converted classifier and its training dict ``{"model": params, "nsn": objective}``."""
+    graphdef, params, rest = train.split_model(nested.convert(_classifier()))
+    state = {"model": params,
+             "nsn": nested.objective(params, grid, curriculum_steps=curriculum_steps)}
+    return graphdef, state, rest
+
+
+def _with_log_var(state, values):
+    return {**state, "nsn": dataclasses.replace(state["nsn"], log_var=jnp.asarray(values))}
 
 
 def test_loss_is_the_uncertainty_weighted_sum_of_two_ranks():
-    model, batch = _nsn_model(), _batch(jax.random.key(1))
-    model.nsn.log_var.set_value(jnp.array([0.1, -0.2, 0.3, 0.5]))
-    key = jax.random.key(7)
-    index, rank = model.nsn.sample(jax.random.split(key)[0])
-    value, aux = nested.loss(_ce)(model, batch, key)
+    graphdef, state, rest = _nsn()
+    batch = _batch(jax.random.key(1))
     s = np.array([0.1, -0.2, 0.3, 0.5])
-    nested.set_rank(model, int(rank), static=False)
-    ce_v = float(_ce(model, batch, None))
-    nested.set_rank(model, 16, static=False)
-    ce_a = float(_ce(model, batch, None))
+    state = _with_log_var(state, s)
+    key = jax.random.key(7)
+    index, rank = state["nsn"].sample(jax.random.split(key)[0])
+    value, aux = nested.loss(_ce, graphdef=graphdef, rest=rest)(state, batch, key)
+    at = lambda r: _ce(nnx.merge(graphdef, nested.set_rank(state["model"], r, static=False),  # noqa: E731
+                                 rest), batch, None)
+    ce_v, ce_a = float(at(int(rank))), float(at(16))
     want = np.exp(-s[3]) * ce_a + s[3] + np.exp(-s[int(index)]) * ce_v + s[int(index)]
     np.testing.assert_allclose(float(value), want, rtol=1e-5)
-    assert int(aux["variant_rank"]) == int(rank) and set(nested.ranks(model).values()) == {16}
+    assert int(aux["variant_rank"]) == int(rank) and set(nested.ranks(state["model"]).values()) == {16}
 
 
 def test_log_variances_get_gradients_and_updates_indexed_by_rank():
-    model = _nsn_model()
+    graphdef, params, rest = _nsn()
     traces = []
+    inner = nested.loss(_ce, graphdef=graphdef, rest=rest)
 
-    def counted(model, batch, key):
+    def counted(params, batch, key):
         traces.append(1)
-        return nested.loss(_ce)(model, batch, key)
+        return inner(params, batch, key)
 
-    graphdef, params, rest = train.split_model(model)
     tx = nested.optimizer(train.adamw(1e-3, 12), log_var_lr=0.05)  # with clipping
     mask = train.trainable_mask(params)
-    step = train.make_train_step(graphdef, counted, tx, mask=mask)
+    assert mask["nsn"].step is False and mask["nsn"].log_var is True
+    step = train.make_train_step(None, counted, tx, mask=mask, post_update=nested.advance)
     opt_state = train.init_optimizer(tx, params, mask)
     assert any(getattr(x, "shape", None) == (4,) for x in jax.tree.leaves(opt_state))
-    before = np.asarray(params["nsn"]["log_var"][...])
+    before = np.asarray(params["nsn"].log_var)
     structure = jax.tree.structure(opt_state)
     sampled = []
     for i in range(12):
@@ -312,53 +337,69 @@ def test_log_variances_get_gradients_and_updates_indexed_by_rank():
                                                 _batch(jax.random.key(i)), jax.random.key(100 + i))
         sampled.append(int(metrics["variant_rank"]))
         assert jax.tree.structure(opt_state) == structure
-    after = np.asarray(params["nsn"]["log_var"][...])
-    grid = (2, 4, 8, 16)
-    moved = {g for g, b, a in zip(grid, before, after) if a != b}
+    after = np.asarray(params["nsn"].log_var)
+    moved = {g for g, b, a in zip(GRID, before, after) if a != b}
     print("sampled", sampled, "s_k", after.round(4).tolist())
     assert len(traces) == 1 and len(set(sampled)) > 1
     assert moved == set(sampled) | {16}  # the anchor and exactly the sampled ranks moved
-    assert int(rest["nsn"]["step"][...]) == 12
+    assert int(params["nsn"].step) == 12
+    assert set(nested.ranks(params["model"]).values()) == {16}  # the tree keeps its ranks
 
 
 def test_log_variance_gradients_are_exact_at_the_anchor_and_the_sampled_rank_only():
-    model, batch = _nsn_model(), _batch(jax.random.key(1))
+    graphdef, state, rest = _nsn()
+    batch = _batch(jax.random.key(1))
     s = jnp.array([0.1, -0.2, 0.3, 0.5])
-    model.nsn.log_var.set_value(s)
-    graphdef, params, rest = train.split_model(model)
+    state = _with_log_var(state, s)
     key = jax.random.key(3)
+    trainable, frozen = train.partition(state, train.trainable_mask(state))
 
-    def objective(params):  # as train.make_train_step: merge copies the method state
-        return nested.loss(_ce)(nnx.merge(graphdef, params, rest, copy=True), batch, key)
+    def objective(t):
+        return nested.loss(_ce, graphdef=graphdef, rest=rest)(train.combine(t, frozen), batch, key)
 
-    grads, aux = jax.jit(jax.grad(objective, has_aux=True))(params)
-    index = (2, 4, 8, 16).index(int(aux["variant_rank"]))
+    grads, aux = jax.jit(jax.grad(objective, has_aux=True))(trainable)
+    index = GRID.index(int(aux["variant_rank"]))
     want = np.zeros(4)
     want[3] = 1 - np.exp(-0.5) * float(aux["ce_anchor"])  # d/ds (exp(-s) CE + s)
     want[index] = 1 - np.exp(-float(s[index])) * float(aux["ce_variant"])
-    np.testing.assert_allclose(np.asarray(grads["nsn"]["log_var"][...]), want, rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(np.asarray(grads["nsn"].log_var), want, rtol=1e-5, atol=1e-7)
     assert want[3] != 0 and want[index] != 0
 
 
 def test_curriculum_widens_toward_low_ranks():
-    obj = nested.Objective((1, 2, 4, 8, 16, 32), curriculum_steps=100)
+    obj = nested.Objective(jnp.zeros(6), jnp.int32(0), grid=(1, 2, 4, 8, 16, 32),
+                           curriculum_steps=100)
     keys = jax.random.split(jax.random.key(0), 200)
     seen = {}
     for t in (0, 50, 100):
-        obj.step.set_value(jnp.int32(t))
-        seen[t] = {int(obj.sample(k)[1]) for k in keys}
+        at_t = dataclasses.replace(obj, step=jnp.int32(t))
+        seen[t] = {int(at_t.sample(k)[1]) for k in keys}
     assert seen[0] == {16} and min(seen[50]) > 1 and seen[100] == {1, 2, 4, 8, 16}
 
 
-def test_attach_and_grid_errors():
+def test_objective_and_grid_errors():
+    params = nnx.state(nested.convert(_classifier()), nnx.Param)
     with pytest.raises(ValueError, match="ending at the anchor 16"):
-        nested.attach(nested.convert(_classifier()), (2, 4, 8))
-    with pytest.raises(ValueError, match="no nested layer"):
-        nested.attach(_classifier())
-    model = nested.set_rank(_nsn_model(), 4)
+        nested.objective(params, (2, 4, 8))
+    with pytest.raises(ValueError, match="no Nested form"):
+        nested.objective(nnx.state(_classifier()))
+    with pytest.raises(ValueError, match="curriculum_steps=-1"):
+        nested.objective(params, curriculum_steps=-1)
+    graphdef, state, rest = _nsn()
+    four = {**state, "model": nested.set_rank(state["model"], 4)}
     with pytest.raises(ValueError, match="computes only 4 components"):
-        nested.loss(_ce)(model, _batch(jax.random.key(0)), jax.random.key(0))
+        nested.loss(_ce, graphdef=graphdef)(four, _batch(jax.random.key(0)), jax.random.key(0))
+    with pytest.raises(TypeError, match=r"takes \{'model': params, 'nsn'"):
+        nested.loss(_ce, graphdef=graphdef)(state["model"], _batch(jax.random.key(0)),
+                                            jax.random.key(0))
+
+
+def test_the_objective_is_returned_never_attached():
+    model = nested.convert(_classifier())
+    before = jax.tree.structure(nnx.state(model))
+    obj = nested.objective(model)
+    assert jax.tree.structure(nnx.state(model)) == before and not hasattr(model, "nsn")
+    assert obj.grid[-1] == 16 and int(obj.step) == 0
 
 
 # --- the benchmark script and demo rows (real MiniLM, one layer, a few steps) ------------

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from subspace_jax import baselines, data, measure, train
-from subspace_jax.nested import core, cost, layer, objective
+from subspace_jax.nested import core, cost, layer, training
 
 __all__ = ["nested_method", "specialist_method", "eval_arrays", "sweep", "latency",
            "nesting_angles", "energies", "demo_rows", "recorded_rows", "bench_rows"]
@@ -54,14 +54,19 @@ def nested_method(steps: int, *, grid: Sequence[int] | None = None, curriculum: 
 
     def convert(model: nnx.Module, cfg: baselines.FinetuneConfig, key: jax.Array) -> nnx.Module:
         del cfg, key
-        return objective.attach(layer.convert(model, max_rank=max_rank), grid,
-                                curriculum_steps=int(curriculum * steps))
+        return layer.convert(model, layer.NestedRule(max_rank=max_rank))
+
+    def beside(graphdef, params, rest, task_loss):
+        state = training.objective(params, grid, curriculum_steps=int(curriculum * steps))
+        return ({training.MODEL: params, training.OBJECTIVE: state},
+                training.loss(task_loss, graphdef=graphdef, rest=rest))
 
     def optimizer(cfg, lr_, steps_):
-        return objective.optimizer(baselines.adamw_for(cfg, lr_, steps_), log_var_lr=log_var_lr)
+        return training.optimizer(baselines.adamw_for(cfg, lr_, steps_), log_var_lr=log_var_lr)
 
     return baselines.Method(name=name, convert=convert, optimizer=optimizer, lr=lr,
-                            quick_lr=quick_lr, loss=objective.loss(baselines.classifier_loss))
+                            quick_lr=quick_lr, loss=baselines.classifier_loss, beside=beside,
+                            post_update=training.advance)
 
 
 def specialist_method(rank: int, *, lr: float = 2e-4, quick_lr: float | None = None,
@@ -75,7 +80,7 @@ def specialist_method(rank: int, *, lr: float = 2e-4, quick_lr: float | None = N
 
     def convert(model: nnx.Module, cfg: baselines.FinetuneConfig, key: jax.Array) -> nnx.Module:
         del cfg, key
-        return layer.convert(model, max_rank=rank)
+        return layer.convert(model, layer.NestedRule(max_rank=rank))
 
     return baselines.Method(name=f"specialist_r{rank}", convert=convert, lr=lr,
                             quick_lr=quick_lr)
@@ -98,7 +103,7 @@ def eval_arrays(cfg: baselines.FinetuneConfig) -> dict[str, dict[str, np.ndarray
 def sweep(graphdef: Any, params: Any, rest: Any, arrays: Mapping[str, Mapping[str, np.ndarray]],
           ranks: Sequence[int], *, batch_size: int = 64, static: bool = True,
           ) -> list[dict[str, float]]:
-    """Loss and accuracy of a converted classifier at each global rank.
+    """Loss and accuracy of a converted classifier at each global rank (the inputs unchanged).
 
     With ``static=True`` each rank compiles its own evaluation (its width is in the graph)
     and costs what it would cost deployed; with ``static=False`` only the traced ranks
@@ -119,14 +124,13 @@ def sweep(graphdef: Any, params: Any, rest: Any, arrays: Mapping[str, Mapping[st
             g, p, s = train.split_model(layer.set_rank(model, r))
             step = train.make_eval_step(g, baselines.classifier_metrics)
         else:
-            step, p, s = traced, params, layer.set_rank(rest, r)
+            step, p, s = traced, layer.set_rank(params, r, static=False), rest
         row: dict[str, float] = {"rank": r}
         for split, values in arrays.items():
             sums = train.evaluate(step, p, s, values, batch_size=batch_size)
             row[f"{split}_loss"] = sums["loss"] / sums["count"]
             row[f"{split}_accuracy"] = sums["correct"] / sums["count"]
         rows.append(row)
-    layer.set_rank(model, max(m.kernel.get_value().max_rank for _, m in layer.layers(model)))
     return rows
 
 
@@ -142,7 +146,7 @@ def latency(model: nnx.Module, dense: nnx.Module, ranks: Sequence[int],
     """Forward-pass time at each rank and of the dense model, timed round robin in one run.
 
     Args:
-        model: a converted classifier (left at its maximum rank afterwards).
+        model: a converted classifier (not changed).
         dense: the same classifier unconverted (the reference).
         ranks: global ranks to time.
         batch: ``input_ids``, ``attention_mask``, ``token_type_ids``.
@@ -159,11 +163,8 @@ def latency(model: nnx.Module, dense: nnx.Module, ranks: Sequence[int],
     g, p, s = train.split_model(dense)
     fns["dense"] = (_forward(g), (p, s, batch))
     for r in ranks:
-        layer.set_rank(model, r)
-        g, p, s = train.split_model(model)
+        g, p, s = train.split_model(layer.set_rank(model, r))
         fns[f"r{r}"] = (_forward(g), (p, s, batch))
-    top = max(m.kernel.get_value().max_rank for _, m in layer.layers(model))
-    layer.set_rank(model, top)
     for name, (fn, args) in fns.items():
         flops[name] = measure.flops(fn, *args).matmul
     timing = measure.compare(fns, warmup=warmup, repeats=repeats)
@@ -190,10 +191,10 @@ def nesting_angles(model: nnx.Module, ranks: Sequence[int], paths: Sequence[str]
     Examples:
         >>> angles = nesting_angles(model, [8, 16])  # doctest: +SKIP
     """
-    found = dict(layer.layers(model))
+    found = layer.kernels(model)
     out = {}
     for path in paths or list(found):
-        kernel = found[path].kernel.get_value()
+        kernel = found[path]
         out[path] = {}
         for r in ranks:
             if r >= kernel.max_rank:
@@ -211,8 +212,8 @@ def energies(model: nnx.Module) -> dict[str, np.ndarray]:
     Examples:
         >>> e = energies(model)  # doctest: +SKIP
     """
-    return {p: core.component_energy(m.kernel.get_value().a, m.kernel.get_value().b)["product"]
-            for p, m in layer.layers(model)}
+    return {p: core.component_energy(k.a, k.b)["product"]
+            for p, k in layer.kernels(model).items()}
 
 
 def _row(name: str, result: Mapping[str, Any], rank_row: Mapping[str, float]) -> dict[str, Any]:
@@ -237,7 +238,7 @@ def demo_rows(budget: Any, progress: bool) -> list[dict[str, Any]]:
     cfg = baselines.FinetuneConfig.make(**{**settings, "steps": steps})
     run = baselines.train_text_classifier(cfg, method=method, progress=progress)
     model = nnx.merge(run.graphdef, run.params, run.rest)
-    top = max(m.kernel.get_value().max_rank for _, m in layer.layers(model))
+    top = max(k.max_rank for k in layer.kernels(model).values())
     half = cost.rank_for_budget(model, 0.5)
     ranks = [top, half, max(1, top // 8)]
     rows = sweep(run.graphdef, run.params, run.rest, eval_arrays(cfg), ranks,

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from subspace_jax import forms, nn, rules as rules_lib
+from subspace_jax import forms
 from subspace_jax.nested.form import Nested, check_rank
-from subspace_jax.nested.layer import _layer_path, _per_layer, layers
+from subspace_jax.nested.layer import _per_layer, kernels
 
 __all__ = ["LayerCost", "DENOMINATORS", "layer_costs", "other_linear_macs", "flop_fractions",
            "rank_for_budget"]
@@ -77,28 +77,26 @@ class LayerCost:
 
 
 def layer_costs(target: Any) -> list[LayerCost]:
-    """The :class:`LayerCost` of every nested layer of a model, or :class:`Nested` of a tree.
+    """The :class:`LayerCost` of every :class:`Nested` form of a tree or NNX model.
+
+    An N-D kernel counts as its folded ``(in, out)`` matrix.
 
     Examples:
         >>> import jax.numpy as jnp
         >>> from subspace_jax import nested
-        >>> tree = nested.factorize({"mlp": {"up": {"kernel": jnp.ones((384, 1536))}}})
+        >>> tree = nested.transform({"mlp": {"up": {"kernel": jnp.ones((384, 1536))}}})
         >>> (c,) = nested.layer_costs(tree)
         >>> c.dense, c.at(192), c.break_even
         (589824, 368640, 307.2)
     """
-    if isinstance(target, nnx.Module):
-        kernels = {p: m.kernel.get_value() for p, m in layers(target)}
-    else:
-        pairs, _ = rules_lib.leaf_paths(target)
-        kernels = {_layer_path(p): leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-                   for p, leaf in pairs}
-        kernels = {p: k for p, k in kernels.items() if isinstance(k, Nested)}
-    return [LayerCost(p, *k.shape, k.max_rank) for p, k in kernels.items()]
+    return [LayerCost(p, *k.matrix_shape, k.max_rank) for p, k in kernels(target).items()]
 
 
 def other_linear_macs(model: nnx.Module) -> int:
-    """MACs per token of the model's Linear layers that are not nested (dense or other forms).
+    """MACs per token of the model's linear layers that are not nested (dense or other forms).
+
+    Counts ``nnx.Linear``, ``nnx.LinearGeneral`` and ``nnx.Einsum`` kernels (one MAC per
+    kernel entry and token; an N-D kernel as its folded matrix).
 
     Examples:
         >>> from flax import nnx
@@ -107,10 +105,11 @@ def other_linear_macs(model: nnx.Module) -> int:
         12
     """
     total = 0
-    for _, module in nn.linears(model):
-        kernel = module.kernel.get_value()
-        if not isinstance(kernel, Nested):
-            total += forms.flops(kernel, 1) // 2
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)):
+            kernel = module.kernel.get_value()
+            if not isinstance(kernel, Nested):
+                total += forms.flops(kernel, 1) // 2
     return total
 
 
@@ -143,7 +142,7 @@ def flop_fractions(target: Any, rank: int | Mapping[str, int], *,
     Examples:
         >>> import jax.numpy as jnp
         >>> from subspace_jax import nested
-        >>> tree = nested.factorize({"mlp": {"up": {"kernel": jnp.ones((384, 1536))}}})
+        >>> tree = nested.transform({"mlp": {"up": {"kernel": jnp.ones((384, 1536))}}})
         >>> f = nested.flop_fractions(tree, 192, other_macs=589824)
         >>> f["mlp"], f["model"], round(f["max"], 4)
         (0.625, 0.8125, 0.7222)
@@ -179,7 +178,7 @@ def rank_for_budget(target: Any, fraction: float, denominator: str = "mlp", *,
     Examples:
         >>> import jax.numpy as jnp
         >>> from subspace_jax import nested
-        >>> tree = nested.factorize({"mlp": {"up": {"kernel": jnp.ones((384, 1536))}}})
+        >>> tree = nested.transform({"mlp": {"up": {"kernel": jnp.ones((384, 1536))}}})
         >>> nested.rank_for_budget(tree, 0.5), nested.rank_for_budget(tree, 1.0)  # 1.0: break-even
         (153, 307)
         >>> nested.rank_for_budget(tree, 1e-4)
