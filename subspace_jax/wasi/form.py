@@ -14,6 +14,11 @@ matrix), so the model's own code runs it through the one call path
   the shared train step to :func:`~subspace_jax.forms.absorb`;
 * static settings: the gradient contraction ``order`` and the ``key``.
 
+The refreshed basis leaves the forward through :func:`subspace_jax.forms.emit`, a side channel:
+inside ``jax.checkpoint``/``nnx.remat`` (or a scan), collect it within the transformed
+function, return it, and emit it again outside (``RematLayer`` in
+``experiments/wasi_finetune.py`` does this); a value may not leave a JAX transform otherwise.
+
 :class:`WasiMasterKernel` is the ``master`` variant: a full master matrix ``w`` trains, and
 ``a``, ``b`` are frozen and re-derived from it after every step by
 :func:`subspace_jax.wasi.post_update`.
