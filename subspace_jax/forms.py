@@ -49,7 +49,7 @@ from subspace_jax import linalg
 
 Array = jax.Array
 
-__all__ = ["KernelForm", "Fold", "fold_kernel", "collect", "emit", "absorb", "LowRank", "matmul", "materialize", "nbytes", "flops", "is_form",
+__all__ = ["KernelForm", "Fold", "fold_kernel", "collect", "emit", "absorb", "checkpoint", "LowRank", "matmul", "materialize", "nbytes", "flops", "is_form",
            "dot", "promote", "stop_gradient", "FROZEN_NAME"]
 
 #: ``checkpoint_name`` given to frozen parameters that a form reads behind
@@ -649,3 +649,46 @@ def absorb(tree: Any, emitted: dict[str, Any]) -> Any:
         return leaf.absorb(emitted[key]) if key in emitted else leaf
 
     return jax.tree_util.tree_map(one, tree, is_leaf=is_form)
+
+
+def checkpoint(fn: Callable, **kwargs: Any) -> Callable:
+    """``jax.checkpoint(fn, **kwargs)`` that carries the state forms :func:`emit` inside it.
+
+    A value may not leave ``jax.checkpoint`` (nor ``scan``) by a side channel, so a form that
+    emits refreshed state (WASI) inside a rematerialised function would leak a tracer. This
+    collects the emissions inside, returns them as outputs of the checkpointed function and
+    emits them again outside. Forms that emit nothing need no help: plain
+    ``jax.checkpoint`` works for them.
+
+    Args:
+        fn: the function to rematerialise (positional array/pytree arguments).
+        **kwargs: for ``jax.checkpoint`` (``policy``, ``prevent_cse``, ``static_argnums``).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from subspace_jax import forms
+        >>> def f(x):
+        ...     forms.emit("seen", x.sum())
+        ...     return jnp.sin(x)
+        >>> def loss(x):                         # as the train step does: collected inside
+        ...     with forms.collect() as got:
+        ...         y = forms.checkpoint(f)(x).sum()
+        ...     return y, got["seen"]
+        >>> (_, seen), g = jax.value_and_grad(loss, has_aux=True)(jnp.ones(3))
+        >>> float(seen), g.shape
+        (3.0, (3,))
+    """
+    def inner(*args):
+        with collect() as found:
+            out = fn(*args)
+        return out, dict(found)
+
+    remat = jax.checkpoint(inner, **kwargs)
+
+    def outer(*args):
+        out, found = remat(*args)
+        for key, value in found.items():
+            emit(key, value)
+        return out
+
+    return outer

@@ -182,3 +182,16 @@ def test_adopt_leaves_the_input_usable_after_a_donated_step():
     step = train.make_train_step(graphdef, loss, tx)                 # donates its inputs
     step(params, train.init_optimizer(tx, params), rest, x, jax.random.key(0))
     np.testing.assert_array_equal(model(x), before)                # not "Array has been deleted"
+
+
+@pytest.mark.parametrize("name", ["linen_mha", "nnx_block", "hf_bert"])
+def test_forms_train_under_jax_checkpoint(name):
+    case = am.build(name)
+    low = sj.factorize(case.params, sj.LowRankRule(pattern=case.pattern, rank=4,
+                                                   in_axes=case.axes or None))
+    remat = jax.checkpoint(case.apply)
+    plain = jax.grad(lambda p: case.loss(p, case.x, None))
+    with sj.nn.intercept():
+        g1 = jax.jit(plain)(low)
+        g2 = jax.jit(jax.grad(lambda p: jnp.mean(jnp.square(remat(p, case.x)))))(low)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
