@@ -38,8 +38,8 @@ from flax import linen, nnx
 from subspace_jax import contraction as contraction_lib
 from subspace_jax import forms
 
-__all__ = ["Linear", "LinearGeneral", "Einsum", "SubspaceState", "adopt", "intercept",
-           "kernel_axes", "linears"]
+__all__ = ["Linear", "LinearGeneral", "Einsum", "SubspaceState", "adopt", "copy_model",
+           "intercept", "kernel_axes", "linears"]
 
 
 class SubspaceState(nnx.Variable):
