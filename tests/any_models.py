@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 import subspace_jax as sj
@@ -42,6 +43,17 @@ class Case:
         """A scalar for the shared train step with ``graphdef=None``."""
         y = self.apply(params, batch)
         return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+    def train_step(self, tree: Any, tx: Any = None) -> tuple[Any, dict[str, jax.Array]]:
+        """One jitted step of the shared train step on ``tree`` (graphdef None: the model's
+        own apply; frozen fields masked); returns the new tree and the metrics."""
+        tx = optax.adam(1e-2) if tx is None else tx
+        mask = sj.train.trainable_mask(tree)
+        step = sj.train.make_train_step(None, self.loss, tx, mask=mask, donate=False)
+        new, _, _, metrics = step(tree, sj.train.init_optimizer(tx, tree, mask), {}, self.x,
+                                  jax.random.key(0))
+        assert bool(jnp.isfinite(metrics["loss"])), f"{self.name}: loss {metrics['loss']}"
+        return new, metrics
 
     @property
     def dense_out(self) -> jax.Array:
