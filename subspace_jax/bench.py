@@ -35,7 +35,8 @@ __all__ = ["BENCHES", "SIZES", "COLUMNS", "machine", "run", "table", "main"]
 #: ``bench`` names -> the experiment script (``experiments/<stem>.py``) that measures them.
 BENCHES: dict[str, str] = {"lorapre": "lorapre_pretrain", "littlebit": "littlebit_compress",
                            "littlebit-qat": "littlebit_qat", "littlebit-lm": "littlebit_lm",
-                           "wasi": "wasi_finetune", "nested": "nested_finetune"}
+                           "wasi": "wasi_finetune", "nested": "nested_finetune",
+                           "gemma": "gemma_eval"}
 #: ``--size`` values, smallest first.
 SIZES = ("tiny", "small", "full")
 #: The keys of every row, in table order.

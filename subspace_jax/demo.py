@@ -9,6 +9,10 @@ fine-tuning, LoRA), then each method as it lands. Every live fine-tuning run sha
 :class:`Budget` (40 steps of 16 texts, 256-text val/test subsets by default), and below the
 live table the recorded full-setting runs of each entry are printed with the commands
 that made them. ``--methods`` picks entries.
+
+The ``gemma`` entry is not a fine-tuning run: Gemma 3 270M (the float dequantization of
+its 4-8-bit GGUF) scores a few hundred held-out standard-library source tokens and
+continues a Python prompt greedily; its rows carry a ``note`` instead of accuracies.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ _EXPLANATION = (
     "Rows share the same val/test texts. step = median seconds per training step; memory = "
     "XLA's compiled step (arguments + outputs - aliased + temporaries); residuals = "
     "activations saved for backward; trainable = parameters the optimizer updates.")
+_NOTE_EXPLANATION = (
+    "Gemma rows: Gemma 3 270M as the float dequantization of its 4-8-bit GGUF (the baseline "
+    "every method on Gemma is compared with); ppl = held-out perplexity, BOS-led windows.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,6 +51,9 @@ class Budget:
             every run (e.g. ``eval_limit``, ``batch_size``; tests shrink the model here).
         seed: seed of subsets, initialisation and batch order.
         quick: use the quick :class:`~subspace_jax.baselines.FinetuneConfig` defaults.
+        gemma: the model of the ``gemma`` entry: ``"full"`` (Gemma 3 270M from the weights
+            packages) or ``"tiny"`` (a random ``GemmaConfig.tiny()`` model with a toy
+            vocabulary, for tests).
 
     Examples:
         >>> Budget().finetune(mode="lora")["steps"]
@@ -54,6 +64,7 @@ class Budget:
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0
     quick: bool = True
+    gemma: str = "full"
 
     def finetune(self, **overrides: Any) -> dict[str, Any]:
         """Keyword arguments for :func:`~subspace_jax.baselines.finetune_text_classifier`."""
@@ -133,6 +144,12 @@ def _row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _note_row(name: str, note: str) -> dict[str, Any]:
+    """A row without fine-tuning columns (a language-model entry): ``note`` says it all."""
+    return {"method": name, "val_accuracy": None, "test_accuracy": None, "step_seconds": None,
+            "memory_mib": None, "residual_mib": None, "trainable_params": None, "note": note}
+
+
 def _baseline_rows(budget: Budget, progress: bool) -> list[dict[str, Any]]:
     base = baselines.text_baselines(quick=budget.quick, seed=budget.seed,
                                     eval_limit=budget.eval_limit)
@@ -155,6 +172,7 @@ ENTRIES: dict[str, Entry] = {
     "littlebit": Entry.from_script("littlebit", "littlebit_finetune"),
     "wasi": Entry.from_script("wasi", "wasi_finetune"),
     "nested": Entry.from_script("nested", "nested_finetune"),
+    "gemma": Entry.from_script("gemma", "gemma_eval"),
 }
 
 
@@ -235,13 +253,17 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Format demo rows as a text table.
+    """Format demo rows as a text table; rows with a ``note`` (the Gemma entry's) get it in
+    a last column.
 
     Examples:
         >>> print(table([{"method": "majority class", "val_accuracy": 0.15,
         ...               "test_accuracy": 0.14}]))  # doctest: +NORMALIZE_WHITESPACE
         method          val acc  test acc  step s  memory MiB  residual MiB  trainable
         majority class    0.150     0.140       -           -             -          -
+        >>> print(table([{"method": "Gemma 270M", "val_accuracy": None, "test_accuracy": None,
+        ...               "note": "ppl 10.6"}]).splitlines()[1])  # doctest: +NORMALIZE_WHITESPACE
+        Gemma 270M            -         -       -           -             -          -  ppl 10.6
     """
     head = (f"{'method':<15} {'val acc':>7} {'test acc':>9} {'step s':>7} {'memory MiB':>11} "
             f"{'residual MiB':>13} {'trainable':>10}")
@@ -251,7 +273,8 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{r['method']:<15} {_cell(r['val_accuracy'], '.3f'):>7} "
             f"{_cell(r['test_accuracy'], '.3f'):>9} {_cell(r.get('step_seconds'), '.3f'):>7} "
             f"{_cell(r.get('memory_mib'), '.1f'):>11} {_cell(r.get('residual_mib'), '.1f'):>13} "
-            f"{_cell(r.get('trainable_params'), ',d'):>10}")
+            f"{_cell(r.get('trainable_params'), ',d'):>10}"
+            + (f"  {r['note']}" if r.get("note") else ""))
     return "\n".join(lines)
 
 
@@ -277,12 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     budget = Budget(steps=args.steps, seed=args.seed)
+    gemma = ("; gemma: Gemma 3 270M held-out perplexity and greedy decoding"
+             if "gemma" in methods else "")
     print(f"pydoc topics, MiniLM: {', '.join(methods)} at a shared budget of {budget.steps} "
-          f"steps (seed {budget.seed})", flush=True)
+          f"steps (seed {budget.seed}){gemma}", flush=True)
     out = run(methods=methods, budget=budget, progress=not args.no_progress)
     print()
     print(table(out["rows"]))
     print(_EXPLANATION)
+    if any(row.get("note") for row in out["rows"]):
+        print(_NOTE_EXPLANATION)
     print("Live time: " + ", ".join(f"{k} {v:.0f} s" for k, v in out["seconds"].items()))
     rows, sources = recorded(args.results_dir, methods)
     if rows:

@@ -36,7 +36,8 @@ def _check_rows(rows):
 
 @pytest.mark.parametrize("stem, result", [("lorapre_pretrain", "lorapre"),
                                           ("littlebit_compress", "littlebit"),
-                                          ("littlebit_qat", "littlebit_qat")])
+                                          ("littlebit_qat", "littlebit_qat"),
+                                          ("gemma_eval", "gemma_eval")])
 def test_bench_rows_of_the_recorded_runs(stem, result):
     data = json.loads((RESULTS / f"{result}.json").read_text())
     rows = experiment.load_script(stem).bench_rows(data)
@@ -49,6 +50,13 @@ def test_bench_rows_of_the_recorded_runs(stem, result):
         assert r8["memory_ratio"] == pytest.approx(opts["lorapre_r8"]["optimizer_state_bytes"]
                                                    / opts["adamw"]["optimizer_state_bytes"])
         assert r8["memory_ratio"] < 0.5
+    if stem == "gemma_eval":  # f32 per content against the unigram model, bf16 against f32
+        assert [r["run"] for r in rows] == ["Gemma 3 270M f32, source",
+                                            "Gemma 3 270M f32, docstrings", "Gemma 3 270M bf16"]
+        assert "ppl 4.64 / 8.31" in rows[0]["quality"]
+        assert rows[2]["time_ratio"] == pytest.approx(
+            data["decode"]["float32"]["decode_tokens_per_s"]
+            / data["decode"]["bfloat16"]["decode_tokens_per_s"])
     if stem == "littlebit_compress":  # a layer and the encoder per target; packed is smaller
         assert len(rows) == 2 * len(data["bpws"])
         assert all(r["memory_ratio"] < 1 for r in rows)
@@ -71,6 +79,23 @@ def test_bench_tiny_prints_the_table_of_its_json(tmp_path, capsys):
     run = report["runs"]["littlebit"]
     assert run["argv"][:len(module.SIZES["tiny"])] == module.SIZES["tiny"]
     print(f"\nlittlebit tiny: {run['seconds']:.1f} s wall, {run['cpu_seconds']:.1f} s CPU")
+
+
+def test_bench_gemma_tiny_runs_a_random_tiny_model(tmp_path, capsys):
+    status = bench.main(["gemma", "--size", "tiny", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 0
+    report = json.loads((tmp_path / "bench_tiny.json").read_text())
+    assert bench.table(report) in out
+    script = json.loads((tmp_path / "tiny" / "gemma_eval.json").read_text())
+    assert script["model"] == "tiny random Gemma" and script["config"]["tiny"]
+    assert script["model_params"] == 32_208  # GemmaConfig.tiny(), not the 270M model
+    _check_rows(report["rows"])
+    assert [r["run"] for r in report["rows"]] == [
+        "tiny random Gemma f32, source", "tiny random Gemma f32, docstrings",
+        "tiny random Gemma bf16"]
+    assert report["rows"][2]["memory_ratio"] == 0.5  # bf16 parameters: half the bytes
+    print(f"\ngemma tiny: {report['runs']['gemma']['seconds']:.1f} s wall")
 
 
 def test_a_script_without_the_protocol_is_reported_and_the_others_still_run(

@@ -132,7 +132,8 @@ def test_lm_quick_reduces_loss_and_checkpoint_restores_exactly(tmp_path):
 
 def test_every_registered_demo_entry_has_live_and_recorded_rows():
     budget = demo.Budget(steps=TINY["steps"], settings={k: v for k, v in TINY.items()
-                                                        if k != "steps"})
+                                                        if k != "steps"},
+                         gemma="tiny")  # a random tiny Gemma: no weights packages, seconds
     out = demo.run(budget=budget, progress=False)
     entries = [row["entry"] for row in out["rows"]]
     assert set(entries) == set(demo.ENTRIES) and set(out["seconds"]) == set(demo.ENTRIES)
@@ -144,6 +145,9 @@ def test_every_registered_demo_entry_has_live_and_recorded_rows():
     assert by_name["bag of words"]["test_accuracy"] > by_name["majority class"]["test_accuracy"]
     lines = demo.table(out["rows"]).splitlines()
     assert len(lines) == 1 + len(out["rows"]) and lines[3].startswith("MiniLM full FT")
+    gemma_rows = [row for row in out["rows"] if row["entry"] == "gemma"]
+    assert [row["method"] for row in gemma_rows] == ["Gemma tiny"] * 2
+    assert gemma_rows[0]["note"].startswith("ppl ") and "greedy 8 tokens" in gemma_rows[1]["note"]
     rows, sources = demo.recorded(demo.RESULTS_DIR)  # the repository's, whatever the cwd
     recorded_entries = {row["entry"] for row in rows}
     assert recorded_entries == set(demo.ENTRIES), "every entry needs a recorded full run"

@@ -450,6 +450,44 @@ def test_eval_script_helpers_on_a_tiny_model(tiny):
     assert script._self_unigram(np.array([1, 1, 2, 2])) == pytest.approx(2.0)
     args = script.parse(["--quick"])
     assert args.seq_len == 256 and args.windows == 2
+    args = script.parse(["--tiny", "--no-progress"])  # the bench's tiny size fits max_len 64
+    assert args.seq_len + 1 <= TINY.max_len and args.prompt_len + max(args.decode_tokens) <= 64
+
+
+def test_eval_script_tiny_model_is_cast_not_redrawn_in_bfloat16():
+    from subspace_jax import experiment
+
+    script = experiment.load_script("gemma_eval")
+    f32, tok = script.load(tiny=True)
+    bf16, _ = script.load(tiny=True, dtype=jnp.bfloat16)
+    assert tok.encode("ab").ids[0] == 2 and f32.config.vocab_size == TINY.vocab_size
+    kernel = bf16.blocks[0].mlp.gate.kernel[...]
+    assert kernel.dtype == jnp.bfloat16 and bf16.config.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(kernel, f32.blocks[0].mlp.gate.kernel[...].astype(jnp.bfloat16))
+    assert script.param_bytes(bf16) * 2 == script.param_bytes(f32)
+
+
+def test_demo_rows_tiny_recorded_and_without_the_weights(monkeypatch):
+    from subspace_jax import demo, experiment
+
+    script = experiment.load_script("gemma_eval")
+    rows = script.demo_rows(demo.Budget(gemma="tiny"), progress=False)
+    assert [r["method"] for r in rows] == ["Gemma tiny", "Gemma tiny"]
+    assert rows[0]["note"].startswith("ppl ") and "32 held-out source tokens" in rows[0]["note"]
+    assert "greedy 8 tokens" in rows[1]["note"] and "'def f(n):\\n' -> " in rows[1]["note"]
+    lines = demo.table(rows).splitlines()
+    assert len(lines) == 3 and lines[1].endswith(rows[0]["note"])
+    recorded, sources = demo.recorded(demo.RESULTS_DIR, ["gemma"])
+    assert "ppl 4.64 / 8.31 source val / test" in recorded[0]["note"]
+    assert "11.8 tokens/s f32, 19.8 bf16" in recorded[1]["note"]
+    assert sources == [s for s in sources if "`python experiments/gemma_eval.py`" in s]
+
+    def missing(**kw):
+        raise ModuleNotFoundError("no gguf")
+
+    monkeypatch.setattr(script, "load", missing)  # the real weights, not installed
+    (row,) = script.demo_rows(demo.Budget(), progress=False)
+    assert row["method"] == "Gemma 270M" and row["note"] == "skipped: no gguf"
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
