@@ -261,7 +261,7 @@ class KernelForm(abc.ABC):
 
     @property
     def state_key(self) -> str | None:
-        """The key under which a form that refreshes state in its forward :func:`emit`\ s it
+        """The key under which a form that refreshes state in its forward :func:`emit`-s it
         (WASI's activation bases); None for forms without such state."""
         return None
 
@@ -587,7 +587,7 @@ def collect() -> Iterator[dict[str, Any]]:
 
     A form whose forward refreshes state (WASI's activation bases) cannot return it through
     the model's own code, so it emits it; the shared train step collects it inside the
-    differentiated function, returns it alongside the loss and :func:`absorb`\ s it into the
+    differentiated function, returns it alongside the loss and :func:`absorb`-s it into the
     new parameters. Outside any block, :func:`emit` does nothing (evaluation).
 
     Examples:

@@ -271,7 +271,7 @@ def intercept():
         >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
         >>> x = jnp.ones((2, 8))
         >>> params = model.init(jax.random.key(0), x)["params"]
-        >>> low = sj.factorize(params, sj.LowRankRule(pattern=".*kernel", rank=8))
+        >>> low = sj.factorize(params, sj.LowRankRule(pattern=".*kernel", rank=8, clip_rank=True))
         >>> with sj.nn.intercept():
         ...     y = jax.jit(model.apply)({"params": low}, x)
         >>> bool(jnp.allclose(y, model.apply({"params": params}, x), atol=1e-5))

@@ -125,7 +125,7 @@ def trainable_mask(params: Any, *, train: rules.Rule | Sequence[rules.Rule] | No
         ...                         "ids": jnp.zeros(3, jnp.int32)},
         ...                        lora.LoRARule(pattern="q", rank=1), key=jax.random.key(0))
         >>> trainable_mask(params)
-        {'head': True, 'ids': False, 'q': LoRA(w=False, a=True, b=True, scale=1.0)}
+        {'head': True, 'ids': False, 'q': LoRA(fold=None, w=False, a=True, b=True, scale=1.0)}
         >>> trainable_mask(params, train=rules.Rule(pattern="q"))["head"]
         False
     """
