@@ -58,9 +58,10 @@ def _nbytes(x: Any) -> int:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class WasiKernel(forms.KernelForm):
-    """WASI's kernel (``factored`` variant): ``a @ b`` with ``b`` orthonormal, plus the
-    activation basis that the custom-VJP op refreshes (see the module docstring).
+class WasiKernel(forms.LowRank):
+    """WASI's kernel (``factored`` variant): a :class:`~subspace_jax.forms.LowRank` ``a @ b``
+    with ``b`` orthonormal, plus the activation basis that the custom-VJP op refreshes (see
+    the module docstring); its rank, shapes, dense matrix and FLOPs are ``LowRank``'s.
 
     Attributes:
         a: ``(in, K)`` factor (trains).
@@ -125,23 +126,6 @@ class WasiKernel(forms.KernelForm):
             raise ValueError(f"WASI kernel {self.key!r}: the activation basis's last factor "
                              f"{last} must span the input features ({a[0]})")
 
-    # --- the weight ---------------------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        """K, the weight subspace's dimension."""
-        return int(self.a.shape[1])
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        return (int(self.a.shape[0]), int(self.b.shape[1]))
-
-    @property
-    def dtype(self) -> Any:
-        return jnp.result_type(self.a.dtype, self.b.dtype)
-
-    def matrix(self) -> Array:
-        return jnp.matmul(self.a, self.b)
-
     # --- the activation ---------------------------------------------------------------
     @property
     def act_shape(self) -> tuple[int, ...]:
@@ -189,11 +173,6 @@ class WasiKernel(forms.KernelForm):
         """Bytes of the factors, the activation basis and (master) the master matrix."""
         return (_nbytes(self.a) + _nbytes(self.b) + sum(_nbytes(u) for u in self.basis)
                 + _nbytes(getattr(self, "w", None)))
-
-    def flops(self, tokens: int) -> int:
-        """FLOPs of the forward's two thin matmuls on ``tokens`` rows."""
-        fan_in, fan_out = self.matrix_shape
-        return 2 * int(tokens) * self.rank * (fan_in + fan_out)
 
 
 @jax.tree_util.register_dataclass
