@@ -32,6 +32,9 @@ def _check_rows(rows):
             value = row[key]
             assert value is None or (isinstance(value, float) and math.isfinite(value)
                                      and value > 0), (key, value)
+    # every report measures something: at least one ratio per report
+    assert any(row[key] is not None for row in rows
+               for key in ("memory_ratio", "flops_ratio", "time_ratio")), rows
 
 
 @pytest.mark.parametrize("stem, result", [("lorapre_pretrain", "lorapre"),
