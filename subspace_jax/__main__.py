@@ -74,8 +74,14 @@ def _info(args: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} on {platform.machine()} ({platform.system()})")
     print(f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}")
     print(f"devices: {jax.devices()}")
-    print("kernel forms: LowRank, LoRA (baseline)")
-    print("methods: WASI, NSN, LittleBit-2, LoRA-Pre (in progress; see the issues)")
+    from subspace_jax import forms, littlebit, lora, nested, wasi
+
+    kinds = (forms.LowRank, lora.LoRA, wasi.WasiKernel, wasi.WasiMasterKernel, nested.Nested,
+             littlebit.BinaryLowRank, littlebit.PackedBinaryLowRank)
+    print("kernel forms: " + ", ".join(k.__name__ for k in kinds) + " (2-D or N-D, folded)")
+    print("methods: wasi, nested, littlebit (transform / convert), lorapre (optax); "
+          "layers: nnx Linear/LinearGeneral/Einsum (adopt), linen Dense/DenseGeneral/Einsum "
+          "(nn.intercept)")
     return 0
 
 
