@@ -190,27 +190,34 @@ class Einsum(nnx.Einsum):
 _NNX_LAYERS = {nnx.Linear: Linear, nnx.LinearGeneral: LinearGeneral, nnx.Einsum: Einsum}
 
 
-def _linen_call(module: linen.Module, kernel: forms.KernelForm, args, kwargs) -> jax.Array:
-    inputs = args[0]
+def _linen_contraction(module: linen.Module, args, kwargs
+                       ) -> tuple[contraction_lib.Contraction, str | None]:
+    """A linen layer's contraction for this call (and an Einsum's equation)."""
+    ndim = args[0].ndim
     if isinstance(module, linen.Einsum):
         eq = args[1] if len(args) > 1 else kwargs.get("einsum_str")
         eq = (eq or module.einsum_str).replace(" ", "")
-        c, bias_shape, dot_general = contraction_lib.einsum(eq, inputs.ndim), None, None
+        return contraction_lib.einsum(eq, ndim), eq
+    if isinstance(module, linen.DenseGeneral):
+        if module.batch_dims:
+            raise ValueError(f"DenseGeneral {module.name!r} with batch_dims cannot hold a "
+                             "kernel form (a batched contraction)")
+        return contraction_lib.general(module.axis, ndim), None
+    return contraction_lib.dense(ndim), None
+
+
+def _linen_call(module: linen.Module, kernel: forms.KernelForm, args, kwargs) -> jax.Array:
+    inputs = args[0]
+    c, eq = _linen_contraction(module, args, kwargs)
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    bias_shape, dot_general = None, None
+    if isinstance(module, linen.Einsum):
+        if bias is not None:
+            bias_shape = module._get_bias_shape(
+                eq, inputs, jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))[1]
     else:
-        if isinstance(module, linen.DenseGeneral):
-            if module.batch_dims:
-                raise ValueError(f"DenseGeneral {module.name!r} with batch_dims cannot hold a "
-                                 "kernel form (a batched contraction)")
-            c = contraction_lib.general(module.axis, inputs.ndim)
-        else:
-            c = contraction_lib.dense(inputs.ndim)
-        bias_shape = None
         dot_general = (module.dot_general_cls() if module.dot_general_cls is not None
                        else module.dot_general)
-    bias = module.get_variable("params", "bias") if module.use_bias else None
-    if bias is not None and isinstance(module, linen.Einsum):
-        bias_shape = module._get_bias_shape(
-            eq, inputs, jax.ShapeDtypeStruct(kernel.shape, kernel.dtype))[1]
     return contraction_lib.form_call(
         kernel, inputs, c, bias=bias, bias_shape=bias_shape, dtype=module.dtype,
         promote=lambda xs, dtype: tuple(module.promote_dtype(*xs, dtype=dtype)),
@@ -342,15 +349,8 @@ def kernel_axes(model: Any, *args: Any, **kwargs: Any) -> dict[str, tuple[int, .
     def record(next_fun, a, k, context):
         module = context.module
         if context.method_name == "__call__" and isinstance(module, _LINEN_LAYERS):
-            x = a[0]
-            if isinstance(module, linen.Einsum):
-                eq = (a[1] if len(a) > 1 else k.get("einsum_str")) or module.einsum_str
-                axes = contraction_lib.einsum(eq, x.ndim).in_axes
-            elif isinstance(module, linen.DenseGeneral):
-                axes = None if module.batch_dims else \
-                    contraction_lib.general(module.axis, x.ndim).in_axes
-            else:
-                axes = (0,)
+            batched = isinstance(module, linen.DenseGeneral) and module.batch_dims
+            axes = None if batched else _linen_contraction(module, a, k)[0].in_axes
             if axes is not None:
                 found["/".join(module.path + ("kernel",))] = axes
         return next_fun(*a, **k)
