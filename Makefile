@@ -18,7 +18,7 @@ venv: $(STAMP)
 # One OpenBLAS thread: LAPACK calls inside jitted steps (LoRA-Pre's small solves) otherwise
 # spin threads that fight XLA's for the same cores (measured: 19 ms -> 2.3 s per update).
 demo: $(STAMP)
-	OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} $(PY) -m subspace_jax demo
+	OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} $(PY) -m subspace_lab demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -436,78 +436,12 @@ def test_bos_windows_cover_each_token_once():
         gemma_corpus.bos_windows(stream, 30, bos_id=2)
 
 
-def test_eval_script_helpers_on_a_tiny_model(tiny):
-    from subspace_jax import experiment
-
-    script = experiment.load_script("gemma_eval")
-    windows = np.asarray(TOKENS[:, :9]).repeat(3, axis=0)
-    nll, tps = script.score(tiny, windows)
-    np.testing.assert_allclose(nll, np.asarray(gemma.token_nll(tiny, jnp.asarray(windows))),
-                               rtol=1e-5)
-    assert tps > 0
-    speed = script.decode_speed(tiny, windows[:1, :4], (2, 6), repeats=1)
-    assert speed["new_tokens"] == [2, 6] and len(speed["seconds"]) == 2
-    assert script._self_unigram(np.array([1, 1, 2, 2])) == pytest.approx(2.0)
-    args = script.parse(["--quick"])
-    assert args.seq_len == 256 and args.windows == 2
-    args = script.parse(["--tiny", "--no-progress"])  # the bench's tiny size fits max_len 64
-    assert args.seq_len + 1 <= TINY.max_len and args.prompt_len + max(args.decode_tokens) <= 64
-
-
-def test_eval_script_tiny_model_is_cast_not_redrawn_in_bfloat16():
-    from subspace_jax import experiment
-
-    script = experiment.load_script("gemma_eval")
-    f32, tok = script.load(tiny=True)
-    bf16, _ = script.load(tiny=True, dtype=jnp.bfloat16)
-    assert tok.encode("ab").ids[0] == 2 and f32.config.vocab_size == TINY.vocab_size
-    kernel = bf16.blocks[0].mlp.gate.kernel[...]
-    assert kernel.dtype == jnp.bfloat16 and bf16.config.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(kernel, f32.blocks[0].mlp.gate.kernel[...].astype(jnp.bfloat16))
-    assert script.param_bytes(bf16) * 2 == script.param_bytes(f32)
-
-
-def test_demo_rows_tiny_recorded_and_without_the_weights(monkeypatch):
-    from subspace_jax import demo, experiment
-
-    script = experiment.load_script("gemma_eval")
-    rows = script.demo_rows(demo.Budget(gemma="tiny"), progress=False)
-    assert [r["method"] for r in rows] == ["Gemma tiny", "Gemma tiny"]
-    assert rows[0]["note"].startswith("ppl ") and "32 held-out source tokens" in rows[0]["note"]
-    assert "greedy 8 tokens" in rows[1]["note"] and "'def f(n):\\n' -> " in rows[1]["note"]
-    lines = demo.table(rows).splitlines()
-    assert len(lines) == 3 and lines[1].endswith(rows[0]["note"])
-    recorded, sources = demo.recorded(demo.RESULTS_DIR, ["gemma"])
-    assert "ppl 4.64 / 8.31 source val / test" in recorded[0]["note"]
-    assert "11.8 tokens/s f32, 19.8 bf16" in recorded[1]["note"]
-    assert sources == [s for s in sources if "`python experiments/gemma_eval.py`" in s]
-
-    def missing(**kw):
-        raise ModuleNotFoundError("no gguf")
-
-    monkeypatch.setattr(script, "load", missing)  # the real weights, not installed
-    (row,) = script.demo_rows(demo.Budget(), progress=False)
-    assert row["method"] == "Gemma 270M" and row["note"] == "skipped: no gguf"
-
-
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_finetune_script_smoke(mode, tmp_path):
-    from subspace_jax import experiment
-
-    script = experiment.load_script("gemma_finetune")
-    tokens, types = gemma_loading._toy_vocab(TINY.vocab_size)
-    tok = gemma_tokenizer.build_tokenizer(tokens, types)
-    model = gemma.Gemma(TINY, rngs=nnx.Rngs(0))
-    args = script.parse(["--mode", mode, "--steps", "3", "--seq-len", "16", "--batch-size", "2",
-                         "--eval-windows", "2", "--evals", "1", "--max-bytes", "40000",
-                         "--no-progress"])
-    result = script.finetune(model, tok, args)
-    assert len(result["history"]["losses"]) == 3
-    assert math.isfinite(result["val_loss"]) and math.isfinite(result["val_loss_before"])
-    non_embedding = TINY.num_params(embeddings=False)
-    if mode == "full":
-        assert result["trainable_params"] == non_embedding  # embeddings frozen
-    else:  # rank-8 adapters on the 7 projections of each block
-        d, hd, f = TINY.dim, TINY.head_dim, TINY.mlp_hidden
-        shapes = [(d, 4 * hd), (d, 2 * hd), (d, 2 * hd), (4 * hd, d), (d, f), (d, f), (f, d)]
-        assert result["trainable_params"] == TINY.depth * sum(8 * (a + b) for a, b in shapes)
+def test_hidden_states_are_the_forward_pass(tiny):
+    states = tiny.hidden_states(TOKENS)
+    normed = tiny.hidden_states(TOKENS, final_norm=True)
+    assert len(states) == len(normed) == TINY.depth + 1
+    for a, b in zip(states[:-1], normed[:-1]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(normed[-1], tiny.final_norm(states[-1]))
+    np.testing.assert_array_equal(normed[-1], tiny.features(TOKENS))
+    np.testing.assert_array_equal(tiny.logits(normed[-1]), tiny(TOKENS))

@@ -9,7 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from subspace_jax import baselines, forms, lora, measure, rules, train
+from subspace_jax import forms, lora, measure, rules, train
+from subspace_lab import baselines
 from subspace_jax import nn as sjnn
 from subspace_jax.models import bert
 

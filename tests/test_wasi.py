@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from subspace_jax import checkpoint, experiment, forms, linalg, measure, rules, train, wasi
+from subspace_jax import checkpoint, forms, linalg, measure, rules, train, wasi
 from subspace_jax.wasi import calibration, core
 
 
@@ -424,42 +424,3 @@ def test_convert_with_budget_uses_the_table():
     up, down = mixed["mlp/up/kernel"], mixed["mlp/down/kernel"]
     assert (up.eps, up.options, down.eps) == (0.9, (), 0.4)
     assert down.act_ranks == tight["mlp/down/kernel"].act_ranks
-
-
-# --- the experiment script ----------------------------------------------------------------------
-
-def test_wasi_lr_runs_carry_their_lr_and_bad_lr_is_refused():
-    script = experiment.load_script("wasi_finetune")
-    runs = {m.name: m for m in script.methods([], False, (), [1e-4])}
-    for name in ("wasi_lr0.0001", "wasi_knap_lr0.0001", "wasi_master_lr0.0001"):
-        assert runs[name].lr == runs[name].quick_lr == 1e-4
-    assert runs["wasi"].lr == 1e-4 and runs["full"].lr == 5e-5   # picked on val; vanilla's
-    assert script._label("wasi_knap_lr0.0001").endswith("knapsack activations (5%), lr 0.0001")
-    with pytest.raises(ValueError, match=r"--wasi-lr 0: a learning rate must be positive"):
-        script.methods([], False, (), [0.0])
-
-
-def test_experiment_script_smoke(tmp_path):
-    import json
-
-    script = experiment.load_script("wasi_finetune")
-    argv = ["--steps", "2", "--num-layers", "1", "--batch-size", "4", "--max-length", "16",
-            "--train-limit", "32", "--eval-limit", "8", "--evals", "1", "--repeats", "1",
-            "--only", "full", "wasi_knap", "--no-progress", "--results-dir", str(tmp_path)]
-    assert script.main(argv) == 0
-    result = json.loads((tmp_path / "wasi.json").read_text())
-    full, low = result["runs"]["full"], result["runs"]["wasi_knap"]   # activations at 5%
-    print({k: (full[k], low[k]) for k in ("mlp_activation_bytes_measured",
-                                          "mlp_activation_bytes_analytic", "residual_bytes")})
-    assert low["mlp_activation_bytes_measured"] == low["mlp_activation_bytes_analytic"]
-    assert full["mlp_activation_bytes_measured"] == full["mlp_activation_bytes_analytic"]
-    assert low["mlp_activation_bytes_measured"] < full["mlp_activation_bytes_measured"] / 5
-    assert low["residual_bytes"] < full["residual_bytes"]
-    assert (tmp_path / "wasi.png").stat().st_size > 0
-    rows = script.bench_rows(result)
-    assert [set(r) for r in rows] == [{"method", "run", "baseline", "quality", "memory_ratio",
-                                       "flops_ratio", "time_ratio", "what"}]
-    assert rows[0]["method"] == "wasi" and rows[0]["time_ratio"] > 0
-    assert set(script.SIZES) == {"tiny", "small", "full"}
-    (row,) = script.recorded_rows(result)  # the WASI run; its baselines are the demo's own rows
-    assert row["method"] == "WASI eps 0.9 weights, knapsack activations (5%) (2 steps)"

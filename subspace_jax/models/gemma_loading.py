@@ -51,7 +51,7 @@ from subspace_jax.data import _stdlib
 from subspace_jax.models import gemma, gemma_tokenizer
 
 __all__ = ["from_pretrained", "convert_gguf", "load_tokenizer", "cache_dir", "default_gguf_path",
-           "gguf_name_map", "write_gguf", "load_state"]
+           "gguf_name_map", "write_gguf", "load_state", "toy_vocab"]
 
 FORMAT_VERSION = 1  # bump to invalidate caches written by older converters
 _BLOCK = {  # GGUF name inside blk.{i}. -> (our path below blocks/{i}, transpose)
@@ -351,7 +351,7 @@ def from_pretrained(gguf_path: str | Path | None = None, *, dtype: Any = jnp.flo
     return model, tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
 
 
-def _toy_vocab(vocab_size: int) -> tuple[list[str], list[int]]:
+def toy_vocab(vocab_size: int) -> tuple[list[str], list[int]]:
     """Gemma's five control tokens, a few user-defined runs, then single characters and
     ``▁``-pieces: a vocabulary a tiny model can be written with."""
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\n", "  ", "\u2581"]
@@ -394,7 +394,7 @@ def write_gguf(path: str | Path, model: gemma.Gemma, tokens: Sequence[str] | Non
 
     cfg = model.config
     if tokens is None:
-        tokens, token_types = _toy_vocab(cfg.vocab_size)
+        tokens, token_types = toy_vocab(cfg.vocab_size)
     if token_types is None or len(tokens) != cfg.vocab_size or len(token_types) != len(tokens):
         raise ValueError(f"write_gguf: need {cfg.vocab_size} tokens with one type each, got "
                          f"{len(tokens)} tokens and types {token_types is not None}")

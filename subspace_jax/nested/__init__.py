@@ -21,7 +21,6 @@ one call path; every verb is pure and the objective's state is returned, never a
   :func:`loss`, :func:`advance`, :func:`optimizer`.
 * :mod:`~subspace_jax.nested.cost`: per-layer costs, three denominators,
   :func:`rank_for_budget`.
-* :mod:`~subspace_jax.nested.bench`: the MiniLM benchmark's building blocks and demo rows.
 
 Examples:
     >>> import jax, jax.numpy as jnp

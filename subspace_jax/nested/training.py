@@ -215,7 +215,7 @@ def loss(task_loss: Callable[[Any, Any, jax.Array], Any], *, graphdef: Any = Non
         task_loss: ``task_loss(tree, batch, key) -> scalar`` (or ``(scalar, aux)``; the aux
             is dropped), e.g. ``lambda p, b, k: ce(model.apply({"params": p}, b["x"]), ...)``;
             with ``graphdef``, ``task_loss(model, batch, key)`` on the merged NNX model
-            (e.g. :func:`subspace_jax.baselines.classifier_loss`).
+            (e.g. a classifier's cross-entropy on the batch).
         graphdef: an NNX model's graph (:func:`subspace_jax.train.split_model`): the tree
             is merged with it (and ``rest``) before ``task_loss``.
         rest: the NNX model's non-parameter state, read (not updated) at each merge (a

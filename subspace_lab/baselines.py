@@ -12,7 +12,7 @@
   FLOPs, trainable parameters and optimizer-state bytes.
 
 ``quick=True`` swaps in small defaults (short runs, subsets) that any field overrides.
-The language-model baseline is in :mod:`subspace_jax.pretrain`.
+The language-model baseline is in :mod:`subspace_lab.pretrain`.
 
 References:
     Hu et al., "LoRA", arXiv 2106.09685. Reimers and Gurevych, arXiv 1908.10084.
@@ -37,7 +37,8 @@ from subspace_jax.models import bert
 
 __all__ = ["FinetuneConfig", "Method", "METHODS", "Run", "text_baselines",
            "finetune_text_classifier", "train_text_classifier", "classifier_loss",
-           "classifier_metrics", "adamw_for", "lora_method", "LORA_PATTERN"]
+           "classifier_metrics", "adamw_for", "lora_method", "LORA_PATTERN", "subset", "encode",
+           "build_classifier", "classifier_logits", "num_steps"]
 
 LORA_PATTERN = r"bert/encoder/layers/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
 _QUICK_FINETUNE = dict(steps=40, batch_size=16, eval_limit=256, evals=2)
@@ -219,7 +220,9 @@ class Run:
     beside: Any = None
 
 
-def _subset(split: data.TextSplit, limit: int | None, seed: int) -> tuple[list[str], np.ndarray]:
+def subset(split: data.TextSplit, limit: int | None, seed: int) -> tuple[list[str], np.ndarray]:
+    """``(texts, labels)`` of a seeded subset of ``limit`` texts of ``split`` in their order
+    (all of it when ``limit`` is None or not smaller)."""
     index = np.arange(len(split))
     if limit is not None and limit < len(split):
         index = np.sort(np.random.default_rng(seed).permutation(len(split))[:limit])
@@ -253,7 +256,7 @@ def text_baselines(*, quick: bool = False, seed: int = 0, eval_limit: int | None
     from sklearn.linear_model import LogisticRegression
 
     topics = data.load_pydoc_topics()
-    evals = {name: _subset(getattr(topics, name), eval_limit, seed) for name in ("val", "test")}
+    evals = {name: subset(getattr(topics, name), eval_limit, seed) for name in ("val", "test")}
     train_labels = topics.train.labels
     majority = int(np.argmax(np.bincount(train_labels, minlength=topics.num_classes)))
     out: dict[str, Any] = {
@@ -280,19 +283,24 @@ def text_baselines(*, quick: bool = False, seed: int = 0, eval_limit: int | None
     return out
 
 
-def _encode(texts: list[str], labels: np.ndarray, max_length: int) -> dict[str, np.ndarray]:
+def encode(texts: list[str], labels: np.ndarray, max_length: int) -> dict[str, np.ndarray]:
+    """MiniLM token arrays of ``texts`` (``input_ids``, ``attention_mask``,
+    ``token_type_ids``) with int32 ``labels``: one batch dict for :mod:`subspace_jax.train`."""
     tokens = data.tokenize_texts(texts, data.load_minilm_tokenizer(), max_length=max_length)
     return {**tokens.as_dict(), "labels": labels.astype(np.int32)}
 
 
-def _classifier(cfg: FinetuneConfig, num_classes: int) -> bert.BertClassifier:
+def build_classifier(cfg: FinetuneConfig, num_classes: int) -> bert.BertClassifier:
+    """Pretrained MiniLM (its first ``cfg.num_layers`` layers) with a fresh
+    ``num_classes`` head, seeded by ``cfg.seed``."""
     encoder, _ = bert.from_pretrained()
     if cfg.num_layers is not None:
         encoder.encoder.layers = nnx.List(list(encoder.encoder.layers)[:cfg.num_layers])
     return bert.BertClassifier(encoder, num_classes, rngs=nnx.Rngs(cfg.seed))
 
 
-def _logits(model: Any, batch: dict[str, jax.Array], **kwargs) -> jax.Array:
+def classifier_logits(model: Any, batch: dict[str, jax.Array], **kwargs) -> jax.Array:
+    """The classifier's logits on a batch dict (``kwargs``: e.g. ``deterministic=True``)."""
     return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], **kwargs)
 
 
@@ -312,7 +320,7 @@ def classifier_loss(model: Any, batch: dict[str, jax.Array], key: jax.Array) -> 
         >>> classifier_loss(model, batch, jax.random.key(0)).shape
         ()
     """
-    logits = _logits(model, batch, deterministic=False, rngs=nnx.Rngs(dropout=key))
+    logits = classifier_logits(model, batch, deterministic=False, rngs=nnx.Rngs(dropout=key))
     return train.cross_entropy(logits, batch["labels"])
 
 
@@ -330,7 +338,7 @@ def classifier_metrics(model: Any, batch: dict[str, jax.Array]) -> dict[str, jax
         >>> float(out["count"])
         2.0
     """
-    logits, weights = _logits(model, batch, deterministic=True), batch["weight"]
+    logits, weights = classifier_logits(model, batch, deterministic=True), batch["weight"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     hits = (jnp.argmax(logits, axis=-1) == batch["labels"]).astype(jnp.float32)
     return {"loss": (losses * weights).sum(), "correct": (hits * weights).sum(),
@@ -347,6 +355,24 @@ def _resolve(cfg: FinetuneConfig, method: Method | None) -> Method:
         raise ValueError(f"train_text_classifier: mode={cfg.mode!r} is not a built-in method "
                          f"{sorted(METHODS)}; pass method=Method(name={cfg.mode!r}, ...)")
     return METHODS[cfg.mode](cfg)
+
+
+def num_steps(cfg: FinetuneConfig, num_train: int | None = None) -> int:
+    """Training steps of a run: ``cfg.steps``, else ``cfg.epochs`` passes over the training
+    texts (``num_train``; None: counted from the task and ``cfg.train_limit``).
+
+    Examples:
+        >>> num_steps(FinetuneConfig.make(steps=7))
+        7
+        >>> num_steps(FinetuneConfig.make(steps=None, epochs=2, batch_size=16), 100)
+        12
+    """
+    if cfg.steps:
+        return cfg.steps
+    if num_train is None:
+        num_train = len(data.load_pydoc_topics().train)
+        num_train = min(num_train, cfg.train_limit or num_train)
+    return cfg.epochs * (num_train // cfg.batch_size)
 
 
 def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
@@ -368,12 +394,12 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
     method = _resolve(cfg, method)
     lr = method.learning_rate(cfg)
     topics = data.load_pydoc_topics()
-    texts, labels = _subset(topics.train, cfg.train_limit, cfg.seed)
-    train_arrays = _encode(texts, labels, cfg.max_length)
-    evals = {name: _encode(*_subset(getattr(topics, name), cfg.eval_limit, cfg.seed),
+    texts, labels = subset(topics.train, cfg.train_limit, cfg.seed)
+    train_arrays = encode(texts, labels, cfg.max_length)
+    evals = {name: encode(*subset(getattr(topics, name), cfg.eval_limit, cfg.seed),
                            cfg.max_length) for name in ("val", "test")}
-    steps = cfg.steps or cfg.epochs * (len(labels) // cfg.batch_size)
-    model = _classifier(cfg, topics.num_classes)
+    steps = num_steps(cfg, len(labels))
+    model = build_classifier(cfg, topics.num_classes)
     if method.convert is not None:
         model = method.convert(model, cfg, jax.random.key(cfg.seed))
     graphdef, params, rest = train.split_model(model)

@@ -1,14 +1,14 @@
 """Continued pretraining of Gemma 3 270M on stdlib source: AdamW (embeddings frozen) or LoRA.
 
-    python experiments/gemma_finetune.py --mode full     # about an hour on 2 cores
-    python experiments/gemma_finetune.py --mode lora     # LoRA r8 on every projection
-    python experiments/gemma_finetune.py --mode lora --quick    # a few minutes
+    subspace-jax run gemma_finetune --mode full     # about an hour on 2 cores
+    subspace-jax run gemma_finetune --mode lora     # LoRA r8 on every projection
+    subspace-jax run gemma_finetune --mode lora --quick    # a few minutes
 
 The baselines the method issues compare with on Gemma. Training windows come from the
 training modules of the stdlib source corpus, validation from held-out modules (split by
 module as ``subspace_jax.data.load_lm_corpus`` splits them), in Gemma's tokenization,
 each window led by BOS (``subspace_jax.data.gemma_corpus``). The model is the float
-dequantization of the packaged 4-8-bit GGUF (see ``experiments/gemma_eval.py``).
+dequantization of the packaged 4-8-bit GGUF (see ``subspace-jax run gemma_eval``).
 
 * ``full``: AdamW on every parameter but the token embedding (tied to the output, so the
   output projection stays frozen too): the 100.3M non-embedding parameters.
@@ -25,16 +25,15 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
 from flax import nnx
 
-from subspace_jax import experiment, lora, rules, train
+from subspace_jax import lora, rules, train
+from subspace_lab import analysis, records, runner
 from subspace_jax.data import batching, gemma_corpus
 from subspace_jax.models import gemma
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 BOS, EOS = 2, 1
 LINEARS = r".*(attn/(q|k|v|o)|mlp/(gate|up|down))/kernel"
 NOT_EMBEDDING = r"(blocks|final_norm)/.*"
@@ -45,17 +44,16 @@ LR = {"full": 2e-5, "lora": 5e-4}
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = runner.parser(__name__, __doc__,
+                      quick="a few steps on a 1 MB corpus", seed=None, seed_help="model, LoRA init and batch order seed (default 0)")
     p.add_argument("--mode", choices=sorted(LR), default="full")
-    p.add_argument("--quick", action="store_true", help="a few steps on a 1 MB corpus")
     for name, value in DEFAULTS.items():
+        if name == "seed":  # a shared flag
+            continue
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=type(value) if value is not None else int, default=None)
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {LR})")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--name", help="result file stem")
-    args = p.parse_args(argv)
+    args = runner.parse(p, argv)
     base = DEFAULTS | (QUICK if args.quick else {})
     for name, value in base.items():
         if getattr(args, name) is None:
@@ -134,10 +132,10 @@ def main(argv=None) -> int:
     model, tokenizer = gemma.from_pretrained()
     result = finetune(model, tokenizer, args)
     name = args.name or f"gemma_finetune_{args.mode}" + ("_quick" if args.quick else "")
-    path = experiment.write_result(name, result, results_dir=args.results_dir)
+    path = records.write_result(name, result, results_dir=args.results_dir)
     hist = result["history"]
     evals = [(0, result["val_loss_before"])] + [(e["step"], e["val_loss"]) for e in hist["evals"]]
-    experiment.plot_curves(path.with_suffix(".png"), {"loss (nats / token)": {
+    analysis.plot_curves(path.with_suffix(".png"), {"loss (nats / token)": {
         "train": (range(1, len(hist["losses"]) + 1), hist["losses"]),
         "validation": ([s for s, _ in evals], [v for _, v in evals])}},
         title=f"Gemma 3 270M, {args.mode}, stdlib source")

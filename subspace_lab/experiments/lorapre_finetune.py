@@ -1,12 +1,12 @@
 """Fine-tune pretrained all-MiniLM-L6-v2 on pydoc topics with the LoRA-Pre optimizer.
 
-    python experiments/lorapre_finetune.py                 # 2 epochs, rank 8 (~15 min, 2 cores)
-    python experiments/lorapre_finetune.py --quick         # a couple of minutes
+    subspace-jax run lorapre_finetune                 # 2 epochs, rank 8 (~15 min, 2 cores)
+    subspace-jax run lorapre_finetune --quick         # a couple of minutes
 
 Every weight trains (as in full fine-tuning); LoRA-Pre keeps the Adam moments of each
 matrix with min(in, out) > rank as rank-``r`` factors and gives the other leaves AdamW.
 Same schedule, clipping, weight decay, data and seed as the AdamW full fine-tuning
-baseline (``experiments/minilm_finetune.py --mode full``), so the optimizer state lands
+baseline (``subspace-jax run minilm_finetune --mode full``), so the optimizer state lands
 between full AdamW and LoRA adapters. Writes ``results/minilm_finetune_lorapre[_quick].json``
 and ``.png``; also accepts every ``minilm_finetune.py`` option (``--steps``, ``--lr``, ...).
 
@@ -21,7 +21,9 @@ import sys
 import jax
 import optax
 
-from subspace_jax import baselines, demo, experiment, lorapre
+from subspace_jax import lorapre
+from subspace_lab import baselines, rows, runner
+from subspace_lab.experiments import minilm_finetune
 
 RANK = 8
 RECORDED_NAME = "minilm_finetune_lorapre.json"
@@ -41,7 +43,7 @@ def method(rank: int = RANK) -> baselines.Method:
     return baselines.Method(name="lorapre", optimizer=optimizer, lr=5e-5, quick_lr=2e-4)
 
 
-def demo_rows(budget: demo.Budget, progress: bool) -> list[dict]:
+def demo_rows(budget: rows.Budget, progress: bool) -> list[dict]:
     """The demo's live LoRA-Pre row at the shared budget."""
     result = baselines.finetune_text_classifier(progress=progress, method=method(),
                                                 **budget.finetune(mode="lorapre"))
@@ -50,14 +52,18 @@ def demo_rows(budget: demo.Budget, progress: bool) -> list[dict]:
 
 def recorded_rows(result: dict) -> list[dict]:
     """A demo row from a result of this script."""
-    return [demo._row(f"MiniLM LoRA-Pre r{RANK}", result)]
+    return [rows.row(f"MiniLM LoRA-Pre r{RANK}", result)]
 
 
 RECORDED = {RECORDED_NAME: recorded_rows}
 
 
+def parse(argv=None):
+    return runner.parse(minilm_finetune.parser(__name__, __doc__), argv)
+
+
 def main(argv=None) -> int:
-    return experiment.load_script("minilm_finetune").main(argv, method=method())
+    return minilm_finetune.main(method=method(), args=parse(argv))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,20 @@
 """``subspace-jax bench``: every method's standard benchmark at one size, one table, one JSON.
 
-Each method is measured by an experiment script of the source checkout
-(``experiments/<stem>.py``, :data:`BENCHES`) that follows the bench protocol:
+Each method is measured by an experiment (:data:`BENCHES`: name -> a module of
+:mod:`subspace_lab.experiments`) that follows the bench protocol:
 
-* ``SIZES``: the script's own arguments for ``"tiny"`` (well under a minute on two
-  cores), ``"small"`` (a few minutes) and ``"full"`` (the recorded configuration);
-* ``main(argv)`` accepts ``--results-dir DIR --name STEM --no-progress`` and writes
-  ``DIR/STEM.json`` with :func:`subspace_jax.experiment.write_result`;
+* ``SIZES``: the experiment's flags for ``"tiny"`` (well under a minute on two cores),
+  ``"small"`` (a few minutes) and ``"full"`` (the recorded configuration), which its
+  shared ``--size`` flag stands for (:mod:`subspace_lab.runner`);
+* ``main(argv)`` writes ``DIR/STEM.json`` (:func:`subspace_lab.records.write_result`) for
+  ``--size SIZE --results-dir DIR --name STEM --no-progress``;
 * ``bench_rows(result)`` turns that JSON into rows with the keys of :data:`COLUMNS`.
 
-:func:`run` calls every named script at one size, collects its rows and returns one
+:func:`run` runs every named experiment at one size, collects its rows and returns one
 report (the :func:`machine` it ran on and all rows); :func:`table` renders a report, so
 the printed table is the JSON's. Every ratio is run / baseline, measured side by side in
 the same process (``memory_ratio``, ``flops_ratio`` and ``time_ratio``: below 1 the run
-is smaller, cheaper or faster; None where the script does not measure it).
+is smaller, cheaper or faster; None where the experiment does not measure it).
 """
 
 from __future__ import annotations
@@ -28,23 +29,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from subspace_jax import experiment
+from subspace_lab import experiments, records, runner
 
 __all__ = ["BENCHES", "SIZES", "COLUMNS", "machine", "run", "table", "main"]
 
-#: ``bench`` names -> the experiment script (``experiments/<stem>.py``) that measures them.
+#: ``bench`` names -> the experiment that measures them.
 BENCHES: dict[str, str] = {"lorapre": "lorapre_pretrain", "littlebit": "littlebit_compress",
                            "littlebit-qat": "littlebit_qat", "littlebit-lm": "littlebit_lm",
                            "wasi": "wasi_finetune", "nested": "nested_finetune",
                            "gemma": "gemma_eval"}
 #: ``--size`` values, smallest first.
-SIZES = ("tiny", "small", "full")
+SIZES = runner.SIZE_NAMES
 #: The keys of every row, in table order.
 COLUMNS = ("method", "run", "baseline", "quality", "memory_ratio", "flops_ratio",
            "time_ratio", "what")
 _RATIOS = ("memory_ratio", "flops_ratio", "time_ratio")
-#: Default ``--out``: the checkout's ``results/bench`` folder.
-OUT_DIR = experiment.EXPERIMENTS_DIR.parent / "results" / "bench"
+#: Default ``--out``: ``results/bench`` under the current directory.
+OUT_DIR = runner.RESULTS_DIR / "bench"
 
 
 def _cpu_model() -> str:
@@ -76,7 +77,7 @@ def machine() -> dict[str, Any]:
         >>> sorted(m)[:4]
         ['arch', 'cores', 'cores_usable', 'cpu_model']
     """
-    env = experiment.environment()
+    env = records.environment()
     return {"cpu_model": _cpu_model(), "cores": os.cpu_count(),
             "cores_usable": env["cpu_affinity"], "arch": platform.machine(),
             "platform": env["platform"], "python": env["python"],
@@ -87,14 +88,14 @@ def machine() -> dict[str, Any]:
 
 
 def _script(name: str) -> Any:
-    """The bench script of ``name``, checked against the protocol."""
-    module = experiment.load_script(BENCHES[name], owner=f"bench {name!r}")
+    """The experiment of ``name``, checked against the bench protocol."""
+    module = experiments.load(BENCHES[name])
     missing = [a for a in ("SIZES", "bench_rows", "main") if not hasattr(module, a)]
     if missing:
-        raise AttributeError(f"bench {name!r}: experiments/{BENCHES[name]}.py does not follow "
+        raise AttributeError(f"bench {name!r}: experiment {BENCHES[name]} does not follow "
                              f"the bench protocol: no {', '.join(missing)}")
     if set(module.SIZES) != set(SIZES):
-        raise ValueError(f"bench {name!r}: experiments/{BENCHES[name]}.py SIZES has keys "
+        raise ValueError(f"bench {name!r}: experiment {BENCHES[name]} SIZES has keys "
                          f"{sorted(module.SIZES)}, expected {list(SIZES)}")
     return module
 
@@ -115,17 +116,17 @@ def run(names: Sequence[str] | None = None, *, size: str = "tiny",
         out: str | Path = OUT_DIR) -> dict[str, Any]:
     """Run the benchmark of every method (or of ``names``) at ``size``; the report.
 
-    Each script writes its own result to ``out/<size>/<stem>.json``. A script that fails
+    Each experiment writes its own result to ``out/<size>/<stem>.json``. One that fails
     is reported in ``errors`` (with its exception) and the others still run.
 
     Args:
         names: keys of :data:`BENCHES` (None: all, in registry order).
         size: one of :data:`SIZES`.
-        out: folder of the scripts' result files.
+        out: folder of the experiments' result files.
 
     Returns:
         ``{"size", "machine", "rows", "runs", "errors", "seconds"}``; ``runs`` gives each
-        script's arguments, result file, wall seconds and CPU seconds (all threads).
+        experiment's arguments, result file, wall seconds and CPU seconds (all threads).
 
     Raises:
         ValueError: an unknown name or size.
@@ -151,12 +152,12 @@ def run(names: Sequence[str] | None = None, *, size: str = "tiny",
         try:
             module = _script(name)
             stem = BENCHES[name]
-            argv = [*module.SIZES[size], "--results-dir", str(directory), "--name", stem,
+            argv = ["--size", size, "--results-dir", str(directory), "--name", stem,
                     "--no-progress"]
-            print(f"== bench {name} ({size}): experiments/{stem}.py {' '.join(argv)}", flush=True)
+            print(f"== bench {name}: subspace-jax run {stem} {' '.join(argv)}", flush=True)
             status = module.main(argv)
             if status:
-                raise RuntimeError(f"experiments/{stem}.py exited with status {status}")
+                raise RuntimeError(f"subspace-jax run {stem} exited with status {status}")
             path = directory / f"{stem}.json"
             rows = _check_rows(name, module.bench_rows(json.loads(path.read_text())))
         except (Exception, SystemExit) as e:  # noqa: BLE001  (reported; the others still run)
@@ -164,7 +165,7 @@ def run(names: Sequence[str] | None = None, *, size: str = "tiny",
             print(f"== bench {name}: FAILED: {report['errors'][name]}", file=sys.stderr, flush=True)
             continue
         report["rows"].extend(rows)
-        report["runs"][name] = {"script": f"experiments/{stem}.py", "argv": argv,
+        report["runs"][name] = {"experiment": stem, "argv": argv,
                                 "result": str(path), "seconds": time.perf_counter() - t0,
                                 "cpu_seconds": time.process_time() - cpu0}
     report["seconds"] = time.perf_counter() - start
@@ -216,51 +217,55 @@ def _parser() -> argparse.ArgumentParser:
         prog="subspace-jax bench",
         description="Run the standard benchmark of every method (or of the named ones) at "
                     "one size: one table of ratios to each method's baseline, one JSON.",
-        epilog="bench NAME ARGS... runs one script with its own ARGS (bench NAME --help).")
+        epilog="One experiment with its own flags: subspace-jax run NAME [FLAGS] "
+               "(subspace-jax run --list).")
     p.add_argument("names", nargs="*", help=f"methods (default all): {', '.join(BENCHES)}")
     p.add_argument("--size", choices=SIZES, help="tiny, small or full (the recorded runs)")
     p.add_argument("--out", type=Path, default=OUT_DIR,
-                   help="folder of the results (default: results/bench of the checkout)")
-    p.add_argument("--list", action="store_true", help="list the methods and their scripts")
+                   help="folder of the results (default: ./results/bench)")
+    p.add_argument("--list", action="store_true", help="list the methods and their experiments")
     return p
 
 
 def _list() -> int:
     for name, stem in BENCHES.items():
-        print(f"{name:<14} experiments/{stem}.py")
+        print(f"{name:<14} subspace-jax run {stem}")
     return 0
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``bench``'s arguments, checked (argparse exits with status 2 on a bad one)."""
+    p = _parser()
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHES]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(BENCHES)} (one experiment "
+                f"with its own flags: subspace-jax run NAME [FLAGS])")
+    if args.names and args.size is None and not args.list:
+        p.error("give --size tiny|small|full to run the named methods")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``subspace-jax bench [NAME ...] [--size tiny|small|full] [--out DIR]``.
 
-    Without ``--size``: ``bench`` (or ``bench --list``) lists the methods, and
-    ``bench NAME ARGS...`` runs one script with its own arguments. With ``--size``: runs
-    the named methods (default all), prints :func:`table` and writes
-    ``DIR/bench_<size>.json``; the status is 1 if any script failed.
+    Without ``--size``: ``bench`` (or ``bench --list``) lists the methods. With ``--size``:
+    runs the named methods (default all), each as ``subspace-jax run STEM --size SIZE``,
+    prints :func:`table` and writes ``DIR/bench_<size>.json``; the status is 1 if any
+    experiment failed.
 
     Examples:
         >>> main(["--list"])  # doctest: +ELLIPSIS
-        lorapre        experiments/lorapre_pretrain.py
+        lorapre        subspace-jax run lorapre_pretrain
         ...
         0
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    sized = any(a == "--size" or a.startswith("--size=") for a in argv)
-    if argv and argv[0] in BENCHES and not sized and not (argv[1:2] and argv[1] in BENCHES):
-        return experiment.load_script(BENCHES[argv[0]], owner=f"bench {argv[0]!r}").main(
-            argv[1:]) or 0  # bench NAME ARGS...: one script with its own arguments
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     if args.list or args.size is None:
-        if args.names:
-            _parser().error("give --size to run several methods (bench NAME ARGS... runs one)")
         return _list()
-    unknown = [n for n in args.names if n not in BENCHES]
-    if unknown:
-        _parser().error(f"unknown methods {unknown}; choose from {list(BENCHES)}")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # see the Makefile's demo target
     report = run(args.names, size=args.size, out=args.out)
-    path = experiment.write_result(f"bench_{args.size}", report, results_dir=args.out)
+    path = records.write_result(f"bench_{args.size}", report, results_dir=args.out)
     print(table(json.loads(path.read_text())))
     print(f"wrote {path} ({report['seconds']:.0f} s)")
     return 1 if report["errors"] else 0

@@ -1,8 +1,8 @@
 """LittleBit-2 on the small Llama-style decoder: reconstruction error, QAT, perplexity.
 
-    python experiments/littlebit_lm.py [--quick] [--bpw 1.0 0.55 0.3 0.1] [--steps N]
+    subspace-jax run littlebit_lm [--quick] [--bpw 1.0 0.55 0.3 0.1] [--steps N]
 
-The decoder is the one ``experiments/lm_pretrain.py`` pretrains on the standard library's
+The decoder is the one ``subspace-jax run lm_pretrain`` pretrains on the standard library's
 source (``results/checkpoints/lm_pretrain``; pretrained here first when missing, about 14
 minutes on 2 cores). For every bits-per-weight target all Linear kernels of the blocks
 (attention q/k/v/o, MLP gate/up/down) are compressed (Dual-SVID + Joint-ITQ; the residual
@@ -36,11 +36,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from subspace_jax import data, experiment, littlebit, pretrain, rules, train
+from subspace_jax import data, littlebit, rules, train
+from subspace_lab import analysis, pretrain, records, runner
+from subspace_lab.experiments import littlebit_compress
 from subspace_jax.littlebit import qat
 from subspace_jax.models import llama
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 BPWS = (1.0, 0.55, 0.3, 0.1)
 KERNELS = r"blocks/\d+/(attn|mlp)/\w+/kernel"
 #: ``subspace-jax bench littlebit-lm`` sizes (the script's own flags).
@@ -48,7 +49,7 @@ SIZES = {"tiny": ["--quick", "--bpw", "0.55", "--steps", "5", "--eval-batches", 
                   "--itq-iters", "5"],
          "small": ["--quick"], "full": []}
 
-_compress_script = experiment.load_script("littlebit_compress", owner="littlebit_lm")
+
 
 
 def settings(bpw: float) -> dict:
@@ -86,7 +87,7 @@ def ensure_checkpoint(checkpoint_dir: pathlib.Path, *, quick: bool, progress: bo
     """Pretrain the decoder into ``checkpoint_dir`` when it holds none; its result or None."""
     if (checkpoint_dir / "config.json").exists():
         return None
-    print(f"no decoder in {checkpoint_dir}: pretraining it (experiments/lm_pretrain.py"
+    print(f"no decoder in {checkpoint_dir}: pretraining it (subspace-jax run lm_pretrain"
           f"{' --quick' if quick else ''})")
     return pretrain.pretrain_lm(quick=quick, progress=progress, checkpoint_dir=checkpoint_dir)
 
@@ -128,7 +129,7 @@ def run(*, checkpoint_dir: pathlib.Path, quick: bool = False, bpws=BPWS, steps: 
             pattern=KERNELS, bpw=bpw, itq_iters=itq_iters, **opts))
         svid = littlebit.transform(nnx.state(teacher), littlebit.LittleBitRule(
             pattern=KERNELS, bpw=bpw, itq_iters=0, **opts))  # Dual-SVID: no ITQ
-        errors = _compress_script.layer_errors(nnx.state(teacher), nnx.state(student), svid,
+        errors = littlebit_compress.layer_errors(nnx.state(teacher), nnx.state(student), svid,
                                                paths)
         step, params, opt_state, rest, _, graphdef = qat.setup(
             student, qat.lm_loss_fn(qgraph),
@@ -149,11 +150,11 @@ def run(*, checkpoint_dir: pathlib.Path, quick: bool = False, bpws=BPWS, steps: 
         result["points"][str(bpw)] = dict(
             settings=opts, layers=errors,
             errors={m: float(np.mean([r[m] for r in errors]))
-                    for m in _compress_script.METHODS},
+                    for m in littlebit_compress.METHODS},
             linear_bpw=acc.linear_bpw, model_bpw=acc.model_bpw, model_bits=acc.total_bits,
             model_params=acc.total_weights,
             not_compressed_bytes={k: b // 8 for k, b in acc.by_kind().items()},
-            checkpoint_bytes=None if quick else _compress_script.checkpoint_bytes(deployed),
+            checkpoint_bytes=None if quick else littlebit_compress.checkpoint_bytes(deployed),
             predicted_bytes=acc.total_bits // 8,
             perplexity_before=before, perplexity_after=after, perplexity_deployed=packed,
             history=history.as_dict(), seconds=time.perf_counter() - t0)
@@ -180,7 +181,7 @@ def plot(result: dict, path: pathlib.Path) -> pathlib.Path:
     err = {labels[m]: (xs, [p["errors"][m] for p in pts]) for m in labels if m != "sign_rows"}
     sign_bpw = float(np.mean([r["sign_rows_bpw"] for r in pts[0]["layers"]]))
     err[f"{labels['sign_rows']} ({sign_bpw:.2f} bpw)"] = ([sign_bpw], [pts[0]["errors"]["sign_rows"]])
-    return experiment.plot_curves(
+    return analysis.plot_curves(
         path, {"validation perplexity": ppl, "mean relative kernel error": err},
         xlabel="bits per weight (achieved, linear layers)", logy=("validation perplexity",),
         title="Llama-style decoder (stdlib source), LittleBit-2")
@@ -199,9 +200,8 @@ def bench_rows(result: dict) -> list[dict]:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="0.55 and 0.1 bpw, 30 QAT steps, 8 eval batches")
+    p = runner.parser(__name__, __doc__,
+                      quick="0.55 and 0.1 bpw, 30 QAT steps, 8 eval batches", seed_help="QAT batch order and key", sizes=SIZES)
     p.add_argument("--bpw", type=float, nargs="+", default=list(BPWS))
     p.add_argument("--steps", type=int, help="QAT steps at every target (default 600)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -210,25 +210,23 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--itq-iters", type=int, default=50)
     p.add_argument("--checkpoint-dir", type=pathlib.Path,
                    help="pretrained decoder (default <results>/checkpoints/lm_pretrain)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--results-dir", type=pathlib.Path, default=RESULTS)
-    p.add_argument("--name", help="result file stem")
-    return p.parse_args(argv)
+    return runner.parse(p, argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     name = args.name or "littlebit_lm" + ("_quick" if args.quick else "")
-    ckpt = args.checkpoint_dir or RESULTS / "checkpoints" / (
+    ckpt = args.checkpoint_dir or args.results_dir / "checkpoints" / (
         "lm_pretrain" + ("_quick" if args.quick else ""))
     bpws = (0.55, 0.1) if args.quick and tuple(args.bpw) == BPWS else tuple(args.bpw)
 
     def write(partial: dict) -> pathlib.Path:
-        return experiment.write_result(name, partial, results_dir=args.results_dir)
+        return records.write_result(name, partial, results_dir=args.results_dir)
 
     result = run(checkpoint_dir=ckpt, quick=args.quick, bpws=bpws, steps=args.steps,
                  batch_size=args.batch_size, lr=args.lr, itq_iters=args.itq_iters,
-                 eval_batches=args.eval_batches, progress=not args.no_progress, on_point=write)
+                 eval_batches=args.eval_batches, seed=args.seed,
+                 progress=not args.no_progress, on_point=write)
     path = write(result)
     plot(result, path.with_suffix(".png"))
     print(f"\nfull precision {result['teacher_perplexity']:.2f}, "

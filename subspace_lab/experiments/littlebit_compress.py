@@ -1,6 +1,6 @@
 """LittleBit-2 on the real all-MiniLM-L6-v2 weights: reconstruction error, size, packed speed.
 
-    python experiments/littlebit_compress.py [--quick] [--bpw 1.0 0.55 0.3 0.1]
+    subspace-jax run littlebit_compress [--quick] [--bpw 1.0 0.55 0.3 0.1]
 
 For every bits-per-weight target, all 36 encoder Linear kernels (q, k, v, o, up, down of 6
 layers) are compressed and the relative Frobenius error ``||W_hat - W|| / ||W||`` of each is
@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from subspace_jax import experiment, forms, littlebit, measure, rules
+from subspace_jax import forms, littlebit, measure, rules
+from subspace_lab import analysis, records, runner
 from subspace_jax.models import bert
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 BPWS = (1.0, 0.55, 0.3, 0.1)
 KERNELS = r"encoder/layers/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
 METHODS = ("dual_svid", "joint_itq", "fp16_low_rank", "sign_rows")
@@ -103,19 +103,20 @@ def _forward(graphdef):
     return jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
 
 
-def speed(graphdef, state, deployed: dict, *, tokens: int, batch: int, repeats: int) -> dict:
+def speed(graphdef, state, deployed: dict, *, tokens: int, batch: int, repeats: int,
+          seed: int = 0) -> dict:
     """Layer and encoder time and memory, dense float32 vs packed, in one round-robin each."""
     out = {}
     for name in ("up", "down"):
         path = f"encoder/layers/0/mlp/{name}/kernel"
         dense = dict(rules.leaf_paths(state)[0])[path].get_value()
-        x = jax.random.normal(jax.random.key(1), (tokens, dense.shape[0]))
+        x = jax.random.normal(jax.random.key(2 * seed + 1), (tokens, dense.shape[0]))
         mm = jax.jit(lambda x, k: forms.matmul(x, k))
         fns = {"dense f32": (mm, (x, dense))}
         for bpw, tree in deployed.items():
             fns[f"{bpw} bpw"] = (mm, (x, dict(rules.leaf_paths(tree)[0])[path].get_value()))
         out[f"layer_{name}"] = _timed(fns, x.nbytes, repeats, shape=list(dense.shape), tokens=tokens)
-    ids = jax.random.randint(jax.random.key(2), (batch, tokens // batch), 1000, 20000)
+    ids = jax.random.randint(jax.random.key(2 * seed + 2), (batch, tokens // batch), 1000, 20000)
     mask = jnp.ones(ids.shape, jnp.int32)
     fwd = _forward(graphdef)
     fns = {"dense f32": (fwd, (state, ids, mask))}
@@ -148,7 +149,7 @@ def _timed(fns: dict, input_bytes: int, repeats: int, **info) -> dict:
 
 def run(*, quick: bool = False, bpws=BPWS, itq_iters: int = 50, tokens: int | None = None,
         batch: int | None = None, repeats: int | None = None,
-        save_checkpoints: bool | None = None) -> dict:
+        save_checkpoints: bool | None = None, seed: int = 0) -> dict:
     """Compress MiniLM at each target and measure errors, sizes and packed speed.
 
     ``quick``: reconstruction errors of layer 0's six kernels only (all 36 are still
@@ -196,7 +197,8 @@ def run(*, quick: bool = False, bpws=BPWS, itq_iters: int = 50, tokens: int | No
         model_bits=dense_acc.total_bits, model_params=dense_acc.total_weights,
         linear_bytes=4 * result["size"][str(bpws[0])]["linear_weights"],
         checkpoint_bytes=checkpoint_bytes(state) if save_checkpoints else None)
-    result["speed"] = speed(graphdef, state, deployed, tokens=tokens, batch=batch, repeats=repeats)
+    result["speed"] = speed(graphdef, state, deployed, tokens=tokens, batch=batch, repeats=repeats,
+                            seed=seed)
     result["seconds"] = time.perf_counter() - start
     result["cpu_seconds"] = time.process_time() - cpu  # all threads: what 2 free cores would need
     return result
@@ -217,20 +219,17 @@ def plot(result: dict, path: pathlib.Path) -> pathlib.Path:
                 ys.append(np.mean([r[m] for r in rows]))
             curves[labels[m]] = (xs, ys)
         panels[panel] = curves
-    return experiment.plot_curves(path, panels, xlabel="bits per weight (achieved)",
+    return analysis.plot_curves(path, panels, xlabel="bits per weight (achieved)",
                                   title="MiniLM kernels: relative reconstruction error before QAT")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="layer 0 errors, 0.3 and 0.1 bpw, 512 tokens")
+    p = runner.parser(__name__, __doc__,
+                      quick="layer 0 errors, 0.3 and 0.1 bpw, 512 tokens", seed_help="the timing inputs' seed", sizes=SIZES)
     p.add_argument("--bpw", type=float, nargs="+", default=list(BPWS))
     p.add_argument("--itq-iters", type=int, default=50)
     p.add_argument("--repeats", type=int, help="timed rounds of each comparison")
-    p.add_argument("--no-progress", action="store_true", help="accepted (nothing to show)")
-    p.add_argument("--results-dir", type=pathlib.Path, default=RESULTS)
-    p.add_argument("--name", help="result file stem")
-    return p.parse_args(argv)
+    return runner.parse(p, argv)
 
 
 #: ``subspace-jax bench --size``: this script's arguments (``full``: the recorded run).
@@ -280,9 +279,10 @@ def bench_rows(result: dict) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    result = run(quick=args.quick, bpws=tuple(args.bpw), itq_iters=args.itq_iters, repeats=args.repeats)
+    result = run(quick=args.quick, bpws=tuple(args.bpw), itq_iters=args.itq_iters, repeats=args.repeats,
+                 seed=args.seed)
     name = args.name or "littlebit" + ("_quick" if args.quick else "")
-    path = experiment.write_result(name, result, results_dir=args.results_dir)
+    path = records.write_result(name, result, results_dir=args.results_dir)
     plot(result, path.with_suffix(".png"))
     print(f"\n{'bpw':>5} " + " ".join(f"{m:>14}" for m in METHODS))
     for b in result["bpws"]:

@@ -1,7 +1,7 @@
-"""The MiniLM benchmark's building blocks (``experiments/nested_finetune.py``) and demo rows.
+"""The MiniLM benchmark's building blocks (``subspace-jax run nested_finetune``) and demo rows.
 
-* :func:`nested_method` / :func:`specialist_method`: :class:`~subspace_jax.baselines.Method`
-  objects for :func:`~subspace_jax.baselines.train_text_classifier`: one NSN model
+* :func:`nested_method` / :func:`specialist_method`: :class:`~subspace_lab.baselines.Method`
+  objects for :func:`~subspace_lab.baselines.train_text_classifier`: one NSN model
   trained over a rank grid, or a model converted at one fixed rank and trained there.
 * :func:`sweep`: accuracy of a trained model at each rank of a list (static widths, each
   rank compiled as it would be deployed, or traced ranks, one compilation for all).
@@ -21,11 +21,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from subspace_jax import baselines, data, measure, train
+from subspace_jax import data, measure, train
+from subspace_lab import baselines, rows
 from subspace_jax.nested import core, cost, layer, training
 
 __all__ = ["nested_method", "specialist_method", "eval_arrays", "sweep", "latency",
@@ -35,7 +35,7 @@ __all__ = ["nested_method", "specialist_method", "eval_arrays", "sweep", "latenc
 def nested_method(steps: int, *, grid: Sequence[int] | None = None, curriculum: float = 0.3,
                   log_var_lr: float = 1e-2, max_rank: int | None = None, lr: float = 2e-4,
                   quick_lr: float | None = None, name: str = "nested") -> baselines.Method:
-    """NSN fine-tuning as a :class:`~subspace_jax.baselines.Method` (everything trains).
+    """NSN fine-tuning as a :class:`~subspace_lab.baselines.Method` (everything trains).
 
     Args:
         steps: training steps (sets the curriculum length ``curriculum * steps``).
@@ -95,7 +95,7 @@ def eval_arrays(cfg: baselines.FinetuneConfig) -> dict[str, dict[str, np.ndarray
         256
     """
     topics = data.load_pydoc_topics()
-    return {name: baselines._encode(*baselines._subset(getattr(topics, name), cfg.eval_limit,
+    return {name: baselines.encode(*baselines.subset(getattr(topics, name), cfg.eval_limit,
                                                        cfg.seed), cfg.max_length)
             for name in ("val", "test")}
 
@@ -136,7 +136,7 @@ def sweep(graphdef: Any, params: Any, rest: Any, arrays: Mapping[str, Mapping[st
 
 def _forward(graphdef: Any):
     def fn(params, rest, batch):
-        return baselines._logits(nnx.merge(graphdef, params, rest), batch)
+        return baselines.classifier_logits(nnx.merge(graphdef, params, rest), batch)
     return jax.jit(fn)
 
 
@@ -217,9 +217,8 @@ def energies(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def _row(name: str, result: Mapping[str, Any], rank_row: Mapping[str, float]) -> dict[str, Any]:
-    from subspace_jax import demo
 
-    return demo._row(name, {**result, "val_accuracy": rank_row["val_accuracy"],
+    return rows.row(name, {**result, "val_accuracy": rank_row["val_accuracy"],
                             "test_accuracy": rank_row["test_accuracy"]})
 
 
@@ -230,7 +229,7 @@ def demo_rows(budget: Any, progress: bool) -> list[dict[str, Any]]:
     model trains for half the budget's steps: the same number of passes as the other rows.
 
     Examples:
-        >>> rows = demo_rows(demo.Budget(), progress=False)  # doctest: +SKIP
+        >>> rows = demo_rows(rows.Budget(), progress=False)  # doctest: +SKIP
     """
     settings = budget.finetune(mode="nested")
     steps = max(1, settings.pop("steps", 40) // 2)
@@ -248,7 +247,7 @@ def demo_rows(budget: Any, progress: bool) -> list[dict[str, Any]]:
 
 
 def bench_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Rows of ``subspace-jax bench nested`` from a result of ``experiments/nested_finetune.py``.
+    """Rows of ``subspace-jax bench nested`` from a result of ``subspace-jax run nested_finetune``.
 
     Inference rows (NSN at 50% of the dense-MLP FLOPs, at its maximum rank and at
     ``R / 8``) compare the forward pass with the dense fine-tuned model: matmul FLOPs and

@@ -1,6 +1,6 @@
 """Pretrain the small Llama decoder with LoRA-Pre against AdamW, Adafactor, GaLore and Muon.
 
-    python experiments/lorapre_pretrain.py [--quick] [--steps N] [--preset 1m] [--only a,b]
+    subspace-jax run lorapre_pretrain [--quick] [--steps N] [--preset 1m] [--only a,b]
 
 Every optimizer gets the same data, steps, seed, gradient clipping (global norm 1) and
 schedule (linear warm-up, cosine decay to a tenth; Muon's own peak rate for the Muon
@@ -40,11 +40,11 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from subspace_jax import data, experiment, measure, pretrain, train  # noqa: E402
+from subspace_jax import data, measure, train  # noqa: E402
+from subspace_lab import analysis, pretrain, records, runner
 from subspace_jax.lorapre import lorapre, lorapre_muon  # noqa: E402
 from subspace_jax.models import llama  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 _QUICK = dict(optimizers=("adamw", "lorapre_r8"), timing_repeats=2)
 
 
@@ -53,7 +53,7 @@ class Settings:
     """What :func:`run` trains and measures.
 
     Attributes:
-        lm: the shared :class:`subspace_jax.pretrain.LMConfig` (model, data, steps, lr).
+        lm: the shared :class:`subspace_lab.pretrain.LMConfig` (model, data, steps, lr).
         muon_lr: peak learning rate of the Muon branch of the Muon pair.
         ranks: LoRA-Pre (Adam) ranks.
         galore_ranks: ``optax.contrib.galore`` ranks (update_proj_gap 200, scale 1).
@@ -247,21 +247,16 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny corpus, AdamW and LoRA-Pre rank 8")
+    p = runner.parser(__name__, __doc__, quick="tiny corpus, AdamW and LoRA-Pre rank 8", seed=None,
+                      seed_help="model init and data seed (default: the LM config's)", sizes=SIZES)
     for name, kind in (("preset", str), ("steps", int), ("batch-size", int), ("seq-len", int),
                        ("lr", float), ("muon-lr", float), ("max-bytes", int),
                        ("warmup-fraction", float), ("weight-decay", float),
-                       ("eval-batches", int), ("evals", int), ("seed", int),
+                       ("eval-batches", int), ("evals", int),
                        ("timing-repeats", int)):
         p.add_argument(f"--{name}", type=kind)
     p.add_argument("--only", help="comma-separated optimizer names")
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bars (the default)")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--name", help="result file stem")
-    return p.parse_args(argv)
+    return runner.parse(p, argv)
 
 
 #: ``subspace-jax bench --size``: this script's arguments (``full``: the recorded run).
@@ -327,10 +322,10 @@ def main(argv=None) -> int:
     settings = Settings.make(quick=args.quick, **overrides)
     name = args.name or "lorapre" + ("_quick" if args.quick else "")
     path = args.results_dir / f"{name}.json"
-    save = lambda partial: (experiment.write_result(name, partial,  # noqa: E731
+    save = lambda partial: (records.write_result(name, partial,  # noqa: E731
                                                     results_dir=args.results_dir),
                             plot(path, partial))
-    result = run(settings, progress=args.progress, on_result=save)
+    result = run(settings, progress=not args.no_progress, on_result=save)
     print(summary(result))
     print(f"total {result['total_seconds']:.0f} s; wrote {path} and plots")
     return 0
@@ -343,9 +338,9 @@ def plot(path: Path, result: dict[str, Any]) -> None:
                                   for n, r in curves.items()} for m in ("loss", "perplexity")}
     lm = result["settings"]["lm"]
     title = f"Llama {lm['preset']}, {lm['steps']} steps: LoRA-Pre vs baselines"
-    experiment.plot_curves(path.with_suffix(".png"), panels, logy=("validation perplexity",),
+    analysis.plot_curves(path.with_suffix(".png"), panels, logy=("validation perplexity",),
                            title=title)
-    experiment.plot_bars(path.with_name(path.stem + "_memory.png"), {
+    analysis.plot_bars(path.with_name(path.stem + "_memory.png"), {
         n: {"state MiB": r["optimizer_state_bytes"] / 2**20,
             "update temp MiB": r["update_memory"]["temp"] / 2**20} for n, r in curves.items()},
         title="persistent optimizer state and transient update memory", ylabel="MiB")

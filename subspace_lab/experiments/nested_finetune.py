@@ -1,8 +1,8 @@
 """NSN on MiniLM: one model fine-tuned on pydoc topics, read at any rank of its MLP Linears.
 
-    python experiments/nested_finetune.py --epochs 4 --name nested_4ep  # the recorded run
-    python experiments/nested_finetune.py --epochs 2      # the 2-epoch run (results/nested.json)
-    python experiments/nested_finetune.py --quick         # minutes: subsets, few steps
+    subspace-jax run nested_finetune --epochs 4 --name nested_4ep  # the recorded run
+    subspace-jax run nested_finetune --epochs 2      # the 2-epoch run (results/nested.json)
+    subspace-jax run nested_finetune --quick         # minutes: subsets, few steps
     subspace-jax bench nested [--size tiny|small|full]    # SIZES below, rows by bench_rows
 
 Trains, with the same steps, batch and seed: full fine-tuning (dense), one NSN model (MLP
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,10 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from subspace_jax import baselines, data, experiment, measure, nested, train
-from subspace_jax.nested import bench
+from subspace_jax import data, measure, nested, train
+from subspace_lab import analysis, baselines, nested_eval, records, runner
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 EVAL_RANKS = (1, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 240, 256, 307, 384)
 LATENCY_RANKS = (8, 32, 64, 96, 153, 192, 256, 307, 384)
 
@@ -53,8 +51,7 @@ SIZES: dict[str, list[str]] = {
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short runs on subsets")
+    p = runner.parser(__name__, __doc__, quick="short runs on subsets", seed=None, sizes=SIZES)
     p.add_argument("--epochs", type=int, default=1, help="passes of every training run")
     p.add_argument("--steps", type=int, help="steps of every training run (overrides epochs)")
     p.add_argument("--batch-size", type=int)
@@ -65,7 +62,6 @@ def parse(argv=None) -> argparse.Namespace:
                    help="share of the steps spent fine-tuning the dense model before it is "
                         "converted; NSN trains the remaining steps, so the total stays the "
                         "dense run's (default 0: NSN converts the pretrained model)")
-    p.add_argument("--seed", type=int)
     p.add_argument("--train-limit", type=int)
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--num-layers", type=int, help="keep only the first encoder layers")
@@ -83,10 +79,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--latency-rows", type=int, default=32, help="texts per timed forward")
     p.add_argument("--reuse", type=Path, help="a result of this script whose dense run, SVD "
                    "truncation and specialists to reuse (same settings): train only NSN")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--name", help="result file stem")
-    return p.parse_args(argv)
+    return runner.parse(p, argv)
 
 
 def _ints(text, default):
@@ -150,8 +143,8 @@ def _sweep(graph, arrays, ranks, val_ranks):
     Traced ranks (one compilation for every rank; the numbers equal the static widths',
     which ``tests/test_nested.py`` checks); latency is measured at static widths.
     """
-    rows = bench.sweep(*graph, {"test": arrays["test"]}, ranks, static=False)
-    val = _by_rank(bench.sweep(*graph, {"val": arrays["val"]},
+    rows = nested_eval.sweep(*graph, {"test": arrays["test"]}, ranks, static=False)
+    val = _by_rank(nested_eval.sweep(*graph, {"val": arrays["val"]},
                                [r for r in ranks if r in val_ranks], static=False))
     for row in rows:
         row.update(val.get(row["rank"], {}))
@@ -165,7 +158,7 @@ def _correct(graph, split, ranks, batch_size: int = 64) -> dict[int, str]:
 
     @jax.jit
     def predict(params, rest, batch):
-        logits = baselines._logits(nnx.merge(graphdef, params, rest), batch, deterministic=True)
+        logits = baselines.classifier_logits(nnx.merge(graphdef, params, rest), batch, deterministic=True)
         return jnp.argmax(logits, axis=-1)
 
     n, out = len(split["labels"]), {}
@@ -176,22 +169,6 @@ def _correct(graph, split, ranks, batch_size: int = 64) -> dict[int, str]:
             for i in range(0, n, batch_size)])
         out[r] = "".join("1" if hit else "0" for hit in preds == np.asarray(split["labels"]))
     return out
-
-
-def mcnemar(a: str, b: str) -> dict[str, float]:
-    """Exact two-sided McNemar test of two classifiers on the same texts (0/1 strings):
-    texts only ``a`` gets right, only ``b`` gets right, and the binomial p-value of that
-    split under "equally accurate".
-
-    Examples:
-        >>> mcnemar("1100", "0111")
-        {'only_a': 1, 'only_b': 2, 'p_value': 1.0}
-    """
-    only_a = sum(x == "1" and y == "0" for x, y in zip(a, b, strict=True))
-    only_b = sum(x == "0" and y == "1" for x, y in zip(a, b, strict=True))
-    n, k = only_a + only_b, min(only_a, only_b)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
-    return {"only_a": only_a, "only_b": only_b, "p_value": p}
 
 
 def _reuse(args, reused, eval_ranks):
@@ -227,7 +204,7 @@ def main(argv=None) -> int:
     specialists = _ints(args.specialists, ())
     argv = sys.argv[1:] if argv is None else list(argv)
     out: dict = {"task": "pydoc_topics", "model": "all-MiniLM-L6-v2",
-                 "command": " ".join(["python experiments/nested_finetune.py", *argv])}
+                 "command": " ".join(["subspace-jax run nested_finetune", *argv])}
 
     # 1. dense fine-tuning, then plain SVD truncation of the fine-tuned model (no NSN training)
     reused = json.loads(args.reuse.read_text()) if args.reuse else None
@@ -237,8 +214,8 @@ def main(argv=None) -> int:
         dense_model = nnx.merge(dense.graphdef, dense.params, dense.rest)
     else:  # the pretrained model: its shapes set the ranks, its forward the latency baseline
         cfg, steps = _config(args, "full"), reused["dense"]["steps"]
-        dense_model = baselines._classifier(cfg, data.load_pydoc_topics().num_classes)
-    arrays = bench.eval_arrays(cfg)
+        dense_model = baselines.build_classifier(cfg, data.load_pydoc_topics().num_classes)
+    arrays = nested_eval.eval_arrays(cfg)
     svd_model = nested.convert(dense_model)
     top = max(k.max_rank for k in nested.kernels(svd_model).values())
     half = nested.rank_for_budget(svd_model, 0.5, "mlp")  # 50% of the dense-MLP FLOPs
@@ -246,7 +223,7 @@ def main(argv=None) -> int:
     eval_ranks = tuple(sorted({r for r in eval_ranks if r <= top} | set(headline)))
     batch = {k: jnp.asarray(v[:args.latency_rows]) for k, v in arrays["test"].items()}
     if reused is None:
-        logits = {n: baselines._logits(m, batch)
+        logits = {n: baselines.classifier_logits(m, batch)
                   for n, m in (("dense", dense_model), ("svd", svd_model))}
         out["dense"] = _summary(dense)
         out["svd_truncation"] = {
@@ -263,7 +240,7 @@ def main(argv=None) -> int:
     if warm_steps >= steps:
         raise ValueError(f"--warm-start {args.warm_start}: {warm_steps} of the {steps} steps "
                          f"fine-tune the dense model, which leaves NSN none")
-    method = bench.nested_method(steps - warm_steps, grid=grid, curriculum=args.curriculum,
+    method = nested_eval.nested_method(steps - warm_steps, grid=grid, curriculum=args.curriculum,
                                  log_var_lr=args.log_var_lr)
     if warm_steps:  # dense fine-tuning first, then NSN from that model: same total steps
         _, warm = _train(args, None, "full", progress, steps=warm_steps)
@@ -306,7 +283,7 @@ def main(argv=None) -> int:
     for r in () if reused else specialists:
         if r > top:
             continue
-        _, srun = _train(args, bench.specialist_method(r), f"specialist_r{r}",
+        _, srun = _train(args, nested_eval.specialist_method(r), f"specialist_r{r}",
                          progress)
         spec_models[r] = nnx.merge(srun.graphdef, srun.params, srun.rest)
         lower = tuple(sorted({max(1, r // 4), max(1, r // 2), r}))
@@ -326,7 +303,7 @@ def main(argv=None) -> int:
                             if f >= nested.flop_fractions(model, 1)[d]}}
     lat_ranks = tuple(r for r in _ints(args.latency_ranks, LATENCY_RANKS) if r <= top) or (top,)
     out["latency"] = {"rows": args.latency_rows, "tokens": int(batch["input_ids"].size),
-                      "model": bench.latency(model, dense_model, lat_ranks, batch,
+                      "model": nested_eval.latency(model, dense_model, lat_ranks, batch,
                                              repeats=args.latency_repeats)}
     costs = {c.path: c for c in nested.layer_costs(model)}
     first = next(iter(costs.values()))
@@ -342,7 +319,7 @@ def main(argv=None) -> int:
     print("latency measured", flush=True)
     paths = [p for p in costs][:1] + [p for p in costs][-1:]
     angle_ranks = tuple(r for r in (1, 8, 48, 153, 256, top - 1) if 1 <= r < top)
-    out["nesting"] = {"max_angle_degrees": bench.nesting_angles(model, angle_ranks, paths)}
+    out["nesting"] = {"max_angle_degrees": nested_eval.nesting_angles(model, angle_ranks, paths)}
     if reused and "specialists" in reused["nesting"]:
         out["nesting"]["specialists"] = reused["nesting"]["specialists"]
     if len(spec_models) >= 2:
@@ -353,9 +330,9 @@ def main(argv=None) -> int:
         out["nesting"]["specialists"] = {
             "ranks": [r1, r2], "path": paths[0],
             "max_angle_degrees": float(np.degrees(nested.core.principal_angles(u, v).max()))}
-    pretrained = nested.convert(baselines._classifier(_config(args, "full"), 11))
-    energy = {"nested": bench.energies(model), "svd_of_dense_ft": bench.energies(svd_model),
-              "pretrained": bench.energies(pretrained)}
+    pretrained = nested.convert(baselines.build_classifier(_config(args, "full"), 11))
+    energy = {"nested": nested_eval.energies(model), "svd_of_dense_ft": nested_eval.energies(svd_model),
+              "pretrained": nested_eval.energies(pretrained)}
     if reused:  # svd_model is the pretrained model here
         del energy["svd_of_dense_ft"]
     out["energy"] = {
@@ -384,11 +361,11 @@ def main(argv=None) -> int:
                                  for r in below},
         "paired_vs_svd": _paired(out, below),
         "largest_drop_with_rank": max(0.0, *(a - b for a, b in zip(accs, accs[1:]))),
-        "largest_decline": largest_decline(out["nested"]),
+        "largest_decline": analysis.largest_decline(out["nested"]),
         "binomial_noise_sd": noise}
     out["total_seconds"] = time.perf_counter() - start
     name = args.name or "nested" + ("_quick" if args.quick else "")
-    path = experiment.write_result(name, out, results_dir=args.results_dir)
+    path = records.write_result(name, out, results_dir=args.results_dir)
     _plots(path, out)
     table = _table(out, name)
     path.with_suffix(".md").write_text(table + "\n")
@@ -398,44 +375,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def largest_decline(section: dict) -> dict | None:
-    """The largest fall in test accuracy from a lower to a higher rank of one sweep, any two
-    ranks apart (not only neighbours), with McNemar's exact test of the two ranks on the
-    same texts when the section keeps per-text records; None if accuracy never falls. The
-    pair is the worst of ``pairs`` compared, so ``p_bonferroni`` (p times pairs, at most 1)
-    is the p-value that accounts for having picked it.
-
-    Examples:
-        >>> sweep = [{"rank": 1, "test_accuracy": 0.5}, {"rank": 2, "test_accuracy": 0.75},
-        ...          {"rank": 4, "test_accuracy": 0.5}, {"rank": 8, "test_accuracy": 1.0}]
-        >>> fall = largest_decline({"sweep": sweep, "test_correct": {"2": "1110", "4": "1100"}})
-        >>> fall["low"], fall["high"], fall["points"], fall["pairs"]
-        (2, 4, 25.0, 6)
-        >>> fall["only_low"], fall["only_high"], fall["p_value"], fall["p_bonferroni"]
-        (1, 0, 1.0, 1.0)
-    """
-    acc = {row["rank"]: row["test_accuracy"] for row in section["sweep"]}
-    ranks = sorted(acc)
-    falls = [(acc[lo] - acc[hi], lo, hi) for i, lo in enumerate(ranks) for hi in ranks[i + 1:]]
-    fall, low, high = max(falls, default=(0.0, None, None))
-    if fall <= 0:
-        return None
-    out = {"low": low, "high": high, "points": 100 * fall, "pairs": len(falls)}
-    correct = {int(r): v for r, v in section.get("test_correct", {}).items()}  # str in JSON
-    if low in correct and high in correct:
-        test = mcnemar(correct[low], correct[high])
-        out.update(only_low=test["only_a"], only_high=test["only_b"], p_value=test["p_value"],
-                   p_bonferroni=min(1.0, test["p_value"] * len(falls)))
-    return out
-
-
 def _paired(out, ranks) -> dict[str, dict[str, float]]:
     """McNemar's exact test of NSN against SVD truncation at each rank, on the test texts
     (``only_a``: texts only NSN gets right); empty when a section has no per-text record
     (one reused from an older result)."""
     nsn = {int(r): v for r, v in out["nested"].get("test_correct", {}).items()}
     svd = {int(r): v for r, v in out["svd_truncation"].get("test_correct", {}).items()}
-    return {str(r): mcnemar(nsn[r], svd[r]) for r in ranks if r in nsn and r in svd}
+    return {str(r): analysis.mcnemar(nsn[r], svd[r]) for r in ranks if r in nsn and r in svd}
 
 
 def _plots(path, out):
@@ -462,11 +408,11 @@ def _plots(path, out):
         "SVD truncation": ([1e3 * v["median_s"] for v in timed],
                            [svd_acc[v["rank"]] for v in timed]),
         "dense FT": ([1e3 * lat["dense"]["median_s"]], [out["dense"]["test_accuracy"]])}
-    experiment.plot_curves(path.with_suffix(".png"), panels, xlabel="cost",
+    analysis.plot_curves(path.with_suffix(".png"), panels, xlabel="cost",
                            title="NSN on MiniLM (pydoc topics): accuracy at every rank")
     grid = list(map(int, out["nested"]["log_variances"]))
     energy = out["energy"]
-    experiment.plot_curves(path.with_name(path.stem + "_analysis.png"), {
+    analysis.plot_curves(path.with_name(path.stem + "_analysis.png"), {
         "learned log-variance s_k": {"s_k": (grid, list(out["nested"]["log_variances"].values()))},
         "component energy |a_i||b_i| / first (mean over layers)": {
             name: (list(range(1, len(e["mean_normalised"]) + 1)), e["mean_normalised"])
@@ -523,18 +469,18 @@ def _table(out, name):
 
 
 def bench_rows(result: dict) -> list[dict]:
-    """Rows of ``subspace-jax bench nested`` (see :func:`subspace_jax.nested.bench.bench_rows`)."""
-    return bench.bench_rows(result)
+    """Rows of ``subspace-jax bench nested`` (see :func:`subspace_lab.nested_eval.bench_rows`)."""
+    return nested_eval.bench_rows(result)
 
 
 def demo_rows(budget, progress: bool) -> list[dict]:
     """The demo's live NSN rows at the shared budget (see
-    :func:`subspace_jax.nested.bench.demo_rows`)."""
-    return bench.demo_rows(budget, progress)
+    :func:`subspace_lab.nested_eval.demo_rows`)."""
+    return nested_eval.demo_rows(budget, progress)
 
 
 #: Demo rows of the recorded (4-epoch) result: NSN at full, 50%-MLP and low rank, SVD at 50%.
-RECORDED = {"nested_4ep.json": bench.recorded_rows}
+RECORDED = {"nested_4ep.json": nested_eval.recorded_rows}
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Fine-tune all-MiniLM-L6-v2 on pydoc topics with its encoder kernels in LittleBit-2 form.
 
-    python experiments/littlebit_finetune.py                   # 1.0 bpw, 2 epochs
-    python experiments/littlebit_finetune.py --bpw 0.3 --steps 240
-    python experiments/littlebit_finetune.py --quick           # a couple of minutes
+    subspace-jax run littlebit_finetune                   # 1.0 bpw, 2 epochs
+    subspace-jax run littlebit_finetune --bpw 0.3 --steps 240
+    subspace-jax run littlebit_finetune --quick           # a couple of minutes
 
 Every attention (q, k, v, o) and MLP (up, down) kernel of the pretrained encoder becomes a
 :class:`~subspace_jax.littlebit.BinaryLowRank` (Dual-SVID + Joint-ITQ + residual path, rank
 from the bit budget); the latent factors and scales, biases, norms and the head train on
 the task's cross-entropy (quantisation-aware training through SmoothSign), embeddings stay
 frozen as in LittleBit. The reported numbers are for the training form; ``deploy`` packs
-the same signs for inference (``experiments/littlebit_compress.py`` measures that path).
+the same signs for inference (``subspace-jax run littlebit_compress`` measures that path).
 Writes ``results/minilm_finetune_littlebit[_quick].json`` and ``.png``; also accepts every
 ``minilm_finetune.py`` option.
 
@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from subspace_jax import baselines, demo, experiment, littlebit, rules
+from subspace_jax import littlebit, rules
+from subspace_lab import baselines, rows, runner
+from subspace_lab.experiments import minilm_finetune
 
 BPW = 1.0
 RECORDED_NAME = "minilm_finetune_littlebit.json"
@@ -42,7 +44,7 @@ def method(bpw: float = BPW) -> baselines.Method:
                             quick_lr=2e-4)
 
 
-def demo_rows(budget: demo.Budget, progress: bool) -> list[dict]:
+def demo_rows(budget: rows.Budget, progress: bool) -> list[dict]:
     """The demo's live LittleBit-2 row (1.0 bpw) at the shared budget."""
     result = baselines.finetune_text_classifier(progress=progress, method=method(),
                                                 **budget.finetune(mode="littlebit"))
@@ -51,17 +53,21 @@ def demo_rows(budget: demo.Budget, progress: bool) -> list[dict]:
 
 def recorded_rows(result: dict) -> list[dict]:
     """A demo row from a result of this script."""
-    return [demo._row(f"MiniLM LittleBit {BPW:g} bpw", result)]
+    return [rows.row(f"MiniLM LittleBit {BPW:g} bpw", result)]
 
 
 RECORDED = {RECORDED_NAME: recorded_rows}
 
 
+def parse(argv=None) -> argparse.Namespace:
+    p = minilm_finetune.parser(__name__, __doc__)
+    p.add_argument("--bpw", type=float, default=BPW, help=f"bits per weight (default {BPW})")
+    return runner.parse(p, argv)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--bpw", type=float, default=BPW)
-    args, rest = p.parse_known_args(argv)
-    return experiment.load_script("minilm_finetune").main(rest, method=method(args.bpw))
+    args = parse(argv)
+    return minilm_finetune.main(method=method(args.bpw), args=args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``subspace-jax bench``: the protocol of every registered script, the table and the JSON."""
+"""``subspace-jax bench``: the protocol of every registered experiment, the table and the JSON."""
 
 import importlib.util
 import json
@@ -7,21 +7,26 @@ import pathlib
 
 import pytest
 
-from subspace_jax import bench, experiment
-from subspace_jax.__main__ import main as cli
+from subspace_lab import bench, experiments
+from subspace_lab.cli import main as cli
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results"
 
 
 @pytest.mark.parametrize("name", list(bench.BENCHES))
 def test_every_registered_script_follows_the_bench_protocol(name):
-    module = experiment.load_script(bench.BENCHES[name])
+    module = experiments.load(bench.BENCHES[name])
     assert set(module.SIZES) == set(bench.SIZES), name
     assert callable(module.bench_rows) and callable(module.main)
     for size, argv in module.SIZES.items():
         assert all(isinstance(a, str) for a in argv), (name, size)
         args = module.parse([*argv, "--results-dir", "/tmp/x", "--name", "stem", "--no-progress"])
         assert str(args.results_dir) == "/tmp/x" and args.name == "stem", (name, size)
+        # --size SIZE stands for exactly those flags
+        sized = module.parse(["--size", size, "--results-dir", "/tmp/x", "--name", "stem",
+                              "--no-progress"])
+        assert {**vars(sized), "size": None} == {**vars(args), "size": None}, (name, size)
 
 
 def _check_rows(rows):
@@ -43,7 +48,7 @@ def _check_rows(rows):
                                           ("gemma_eval", "gemma_eval")])
 def test_bench_rows_of_the_recorded_runs(stem, result):
     data = json.loads((RESULTS / f"{result}.json").read_text())
-    rows = experiment.load_script(stem).bench_rows(data)
+    rows = experiments.load(stem).bench_rows(data)
     _check_rows(rows)
     print("\n" + bench.table({"size": "full", "rows": rows, "machine": {}}))
     if stem == "lorapre_pretrain":  # 8 low-rank/reference optimizers against AdamW or Muon
@@ -72,7 +77,7 @@ def test_bench_tiny_prints_the_table_of_its_json(tmp_path, capsys):
     report = json.loads((tmp_path / "bench_tiny.json").read_text())
     assert bench.table(report) in out  # the printed table is the JSON's
     script = json.loads((tmp_path / "tiny" / "littlebit_compress.json").read_text())
-    module = experiment.load_script("littlebit_compress")
+    module = experiments.load("littlebit_compress")
     assert report["rows"] == json.loads(json.dumps(module.bench_rows(script)))
     _check_rows(report["rows"])
     m = report["machine"]
@@ -80,7 +85,7 @@ def test_bench_tiny_prints_the_table_of_its_json(tmp_path, capsys):
     assert m["versions"]["jax"] and m["versions"]["jaxlib"] and m["versions"]["flax"]
     assert len(m["git_commit"] or "x" * 40) == 40
     run = report["runs"]["littlebit"]
-    assert run["argv"][:len(module.SIZES["tiny"])] == module.SIZES["tiny"]
+    assert run["argv"][:2] == ["--size", "tiny"] and run["experiment"] == "littlebit_compress"
     print(f"\nlittlebit tiny: {run['seconds']:.1f} s wall, {run['cpu_seconds']:.1f} s CPU")
 
 
@@ -111,7 +116,7 @@ def test_a_script_without_the_protocol_is_reported_and_the_others_still_run(
     assert "no SIZES, bench_rows" in report["errors"]["plain"]
     assert "FAILED plain" in out and bench.table(report) in out
     monkeypatch.setitem(bench.BENCHES, "plain", "littlebit_compress")
-    monkeypatch.setitem(experiment.load_script("littlebit_compress").SIZES, "tiny", ["--bad"])
+    monkeypatch.setitem(experiments.load("littlebit_compress").SIZES, "tiny", ["--bad"])
     report = bench.run(["plain"], size="tiny", out=tmp_path)  # argparse exits: reported too
     assert report["errors"]["plain"].startswith("SystemExit: 2")
 
@@ -128,13 +133,20 @@ def test_rows_with_wrong_keys_or_types_are_rejected():
         bench._check_rows("m", [])
 
 
-def test_cli_lists_passes_arguments_through_and_rejects_unknown_names(capsys):
+def test_cli_lists_runs_one_experiment_and_rejects_unknown_names(capsys):
     assert cli(["bench"]) == 0 and cli(["bench", "--list"]) == 0
     listing = capsys.readouterr().out
-    assert all(f"experiments/{stem}.py" in listing for stem in bench.BENCHES.values())
-    with pytest.raises(SystemExit) as e:  # bench NAME ARGS...: the script's own parser
-        cli(["bench", "littlebit", "--help"])
-    assert e.value.code == 0 and "--bpw" in capsys.readouterr().out
+    assert all(f"subspace-jax run {stem}" in listing for stem in bench.BENCHES.values())
+    with pytest.raises(SystemExit) as e:  # run NAME ARGS...: the experiment's own parser
+        cli(["run", "littlebit_compress", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--bpw" in out and "subspace-jax run littlebit_compress" in out
+    assert cli(["run", "--list"]) == 0
+    assert set(experiments.names()) <= {line.split()[0] for line in
+                                        capsys.readouterr().out.splitlines()}
+    with pytest.raises(SystemExit) as e:  # naming methods without a size runs nothing
+        cli(["bench", "littlebit"])
+    assert e.value.code == 2 and "give --size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli(["bench", "nope", "--size", "tiny"])
     assert e.value.code == 2 and "unknown methods ['nope']" in capsys.readouterr().err
@@ -159,7 +171,7 @@ def test_cpu_model_reads_proc_cpuinfo_of_x86_and_raspberry_pi(tmp_path, monkeypa
 
 
 def test_aarch64_smoke_compares_numbers_within_float32_tolerance():
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "aarch64_smoke.py"
+    path = ROOT / "scripts" / "aarch64_smoke.py"
     spec = importlib.util.spec_from_file_location("aarch64_smoke", path)
     smoke = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(smoke)

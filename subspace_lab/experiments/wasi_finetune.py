@@ -1,11 +1,11 @@
 """WASI against vanilla, vanilla + remat and LoRA r8: MiniLM on pydoc topics; one 4-D case.
 
-    python experiments/wasi_finetune.py --recorded-baselines        # headline, full budget
-    python experiments/wasi_finetune.py --quick --sweep 0.4 0.5 0.6 0.7 0.8 0.9 --vit-steps 300
-    python experiments/wasi_finetune.py --quick                     # a few minutes
+    subspace-jax run wasi_finetune --recorded-baselines        # headline, full budget
+    subspace-jax run wasi_finetune --quick --sweep 0.4 0.5 0.6 0.7 0.8 0.9 --vit-steps 300
+    subspace-jax run wasi_finetune --quick                     # a few minutes
 
 Every run fine-tunes the same pretrained all-MiniLM-L6-v2 with the same steps, seed, batches
-and evaluation texts (:func:`subspace_jax.baselines.train_text_classifier`). WASI's headline
+and evaluation texts (:func:`subspace_lab.baselines.train_text_classifier`). WASI's headline
 is eps 0.9 for the weights and the activations (``wasi``); ``wasi_knap`` takes the paper's
 calibration table and knapsack under 5% of the full activation bytes instead, and
 ``wasi_master`` the paper code's master-weight variant. WASI trains at its own lr, 1e-4
@@ -42,10 +42,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from subspace_jax import baselines, data, experiment, forms, measure, rules, train, wasi
+from subspace_jax import data, forms, measure, rules, train, wasi
+from subspace_lab import analysis, baselines, records, rows, runner
 from subspace_jax.models import bert, vit
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
 MLP_RULE = r"bert/encoder/layers/\d+/mlp/(up|down)/kernel"
 ATTN_RULE = r"bert/encoder/layers/\d+/attn/(q|k|v|o)/kernel"
 _MIB = 2**20
@@ -56,7 +56,7 @@ _MIB = 2**20
 def _calibration_batch(cfg: baselines.FinetuneConfig) -> dict[str, jax.Array]:
     topics = data.load_pydoc_topics()
     n = cfg.batch_size
-    arrays = baselines._encode(list(topics.train.texts[:n]), topics.train.labels[:n],
+    arrays = baselines.encode(list(topics.train.texts[:n]), topics.train.labels[:n],
                                cfg.max_length)
     return {k: jnp.asarray(v) for k, v in arrays.items()}
 
@@ -65,7 +65,7 @@ def wasi_method(*, energy: float = 0.9, activation_eps: float | None = 0.9,
                 budget_fraction: float = 0.05, attention: bool = False,
                 variant: str = "factored", name: str | None = None,
                 lr: float = 1e-4, quick_lr: float = 2e-4) -> baselines.Method:
-    """A :class:`~subspace_jax.baselines.Method` converting MiniLM's MLP (and optionally
+    """A :class:`~subspace_lab.baselines.Method` converting MiniLM's MLP (and optionally
     attention) Linears with :func:`subspace_jax.wasi.convert` (one
     :class:`~subspace_jax.wasi.WasiRule` per pattern, carrying the settings), calibrated on the first
     training texts; everything else trains as in full fine-tuning (as in the paper).
@@ -95,7 +95,7 @@ def wasi_method(*, energy: float = 0.9, activation_eps: float | None = 0.9,
             budget = int(budget_fraction * full)
 
         def sample(m):
-            return train.cross_entropy(baselines._logits(m, batch), batch["labels"])
+            return train.cross_entropy(baselines.classifier_logits(m, batch), batch["labels"])
 
         rules_ = [wasi.WasiRule(pattern=p, energy=energy, activation_eps=activation_eps)
                   for p in patterns]
@@ -263,7 +263,7 @@ def step_functions(run: baselines.Run, method: baselines.Method, cfg, batch, key
 
     @jax.jit
     def infer(params, rest, batch):
-        return baselines._logits(nnx.merge(graphdef, params, rest, copy=True), batch,
+        return baselines.classifier_logits(nnx.merge(graphdef, params, rest, copy=True), batch,
                                  deterministic=True)
 
     return (step, (run.params, opt, run.rest, batch, key)), (infer, (run.params, run.rest, batch))
@@ -272,13 +272,11 @@ def step_functions(run: baselines.Run, method: baselines.Method, cfg, batch, key
 # --- the experiment -----------------------------------------------------------------------------
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="short runs on subsets")
+    p = runner.parser(__name__, __doc__, quick="short runs on subsets", name="wasi", sizes=SIZES)
     p.add_argument("--steps", type=int, help="training steps of every run")
     p.add_argument("--epochs", type=int)
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--evals", type=int)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--train-limit", type=int)
@@ -299,16 +297,13 @@ def parse(argv=None) -> argparse.Namespace:
                    help="also the 4-D case (digits ViT, MLP on a patch grid) for this many steps")
     p.add_argument("--only", nargs="*", help="run only these method names")
     p.add_argument("--repeats", type=int, default=8, help="timed rounds of measure.compare")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--name", default="wasi")
-    return p.parse_args(argv)
+    return runner.parse(p, argv)
 
 
 def measured_run(cfg: baselines.FinetuneConfig, method: baselines.Method, key) -> baselines.Run:
     """The converted model and its step measured (:func:`subspace_jax.train.measure_step`)
     without training: for runs whose accuracy is that of another run (remat) or recorded."""
-    model = baselines._classifier(cfg, data.load_pydoc_topics().num_classes)
+    model = baselines.build_classifier(cfg, data.load_pydoc_topics().num_classes)
     if method.convert is not None:
         model = method.convert(model, cfg, jax.random.key(cfg.seed))
     graphdef, params, rest = train.split_model(model)
@@ -333,11 +328,11 @@ def _accuracy_from(result: dict[str, Any], source: dict[str, Any], label: str) -
     result["accuracy_from"] = label
 
 
-def _recorded(name: str, cfg: baselines.FinetuneConfig) -> dict[str, Any]:
-    path = RESULTS / RECORDED_BASELINES[name]
+def _recorded(name: str, cfg: baselines.FinetuneConfig, results_dir) -> dict[str, Any]:
+    path = results_dir / RECORDED_BASELINES[name]
     rec = json.loads(path.read_text())
     want = dataclasses.asdict(cfg)
-    steps = cfg.steps or cfg.epochs * (3883 // cfg.batch_size)
+    steps = baselines.num_steps(cfg)
     diff = {k: (rec["config"].get(k), want[k]) for k in _SAME
             if k != "steps" and rec["config"].get(k) != want[k]}
     if diff or rec["steps"] != steps:
@@ -366,7 +361,7 @@ def run_all(args) -> dict[str, Any]:
         batch = _calibration_batch(cfg)
         result = dict(run.result)
         if recorded:
-            _accuracy_from(result, _recorded(method.name, cfg),
+            _accuracy_from(result, _recorded(method.name, cfg, args.results_dir),
                            "recorded " + RECORDED_BASELINES[method.name])
         elif "remat" in method.name:
             base = method.name.replace("_remat_nonlinear", "").replace("_remat", "")
@@ -380,7 +375,7 @@ def run_all(args) -> dict[str, Any]:
         result["run_seconds"] = time.perf_counter() - start
         timing_fns[method.name], infer_fns[method.name] = (step, step_args), (infer, infer_args)
         runs[method.name] = result
-        experiment.write_result(args.name, {"runs": runs, "partial": True},  # if cut short
+        records.write_result(args.name, {"runs": runs, "partial": True},  # if cut short
                                 results_dir=args.results_dir)
         print(f"{method.name}: test acc {result.get('test_accuracy', float('nan')):.4f} "
               f"({result.get('accuracy_from', 'trained here')}), "
@@ -388,7 +383,7 @@ def run_all(args) -> dict[str, Any]:
     out = {"runs": runs, "baseline": next(iter(runs), None),
            "settings": {**settings, "quick": args.quick,
                         "recorded_baselines": args.recorded_baselines},
-           "command": "python experiments/wasi_finetune.py " + " ".join(sys.argv[1:])}
+           "command": "subspace-jax run wasi_finetune " + " ".join(sys.argv[1:])}
     if args.vit_steps:
         out["vit_4d"] = vit_case(args.vit_steps, args.seed, args.repeats)
     if not runs:    # e.g. --only vit: the 4-D case alone
@@ -500,7 +495,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(path: Path, result: dict[str, Any]) -> None:
-    plt = experiment._pyplot()
+    plt = analysis.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     base = result["baseline"]
     for name, r in result["runs"].items():
@@ -516,13 +511,13 @@ def plot(path: Path, result: dict[str, Any]) -> None:
     axes[1].set(xlabel="residuals saved for backward (MiB)", ylabel="test accuracy",
                 title="accuracy against activation memory")
     fig.tight_layout()
-    experiment._save(fig, path)
+    analysis.save(fig, path)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     result = run_all(args)
-    path = experiment.write_result(args.name, result, results_dir=args.results_dir)
+    path = records.write_result(args.name, result, results_dir=args.results_dir)
     if result["runs"]:
         plot(path.with_suffix(".png"), result)
         print(table(result))
@@ -590,17 +585,15 @@ def bench_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def demo_rows(budget, progress: bool) -> list[dict[str, Any]]:
     """The live demo row: WASI (weight and activation eps 0.9, MLP Linears) at the shared
     quick budget."""
-    from subspace_jax import demo
     result = baselines.finetune_text_classifier(method=wasi_method(name="wasi"), progress=progress,
                                                 **budget.finetune())
-    return [demo._row("WASI eps 0.9 (MLP)", result)]
+    return [rows.row("WASI eps 0.9 (MLP)", result)]
 
 
 def recorded_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The trained WASI rows of ``results/wasi.json`` in the demo's format (its baselines are
     the demo's own rows), labelled with the steps they trained."""
-    from subspace_jax import demo
-    return [demo._row(f"{_label(name)} ({r['steps']} steps)", r)
+    return [rows.row(f"{_label(name)} ({r['steps']} steps)", r)
             for name, r in result["runs"].items()
             if name.startswith("wasi") and "remat" not in name and "test_accuracy" in r]
 

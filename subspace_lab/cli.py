@@ -1,17 +1,20 @@
-"""The ``subspace-jax`` command line (also ``python -m subspace_jax``).
+"""The ``subspace-jax`` command line (also ``python -m subspace_lab``).
 
 Subcommands:
 
-* ``demo``: the main job on built-in defaults (baselines on real pretrained MiniLM
-  and real text; each method adds its rows as it lands).
-* ``bench [NAME ...] --size tiny|small|full [--out DIR]``: the standard benchmark of
-  every method (or of the named ones): one table of memory/FLOP/time ratios against each
-  method's baseline and one JSON (:mod:`subspace_jax.bench`). ``bench NAME [ARGS...]``
-  runs a method's script (``experiments/<script>.py`` of a source checkout) with its own
-  ARGS (``bench`` alone lists them; ``bench NAME --help``).
+* ``demo``: the main job on built-in defaults (baselines on real pretrained MiniLM and real
+  text, every method at one shared budget, beside the recorded runs).
+* ``bench [NAME ...] --size tiny|small|full [--out DIR]``: the standard benchmark of every
+  method (or of the named ones): one table of memory/FLOP/time ratios against each
+  method's baseline and one JSON (:mod:`subspace_lab.bench`); ``bench --list``.
+* ``run NAME [FLAGS]``: one experiment with its flags (:mod:`subspace_lab.experiments`;
+  ``run --list``; ``run NAME --help``).
 * ``info``: versions, devices, and what the library offers.
-* ``select``: print which parameters of a reference model a set of path rules
-  selects (built abstractly: no weights are loaded or allocated).
+* ``select``: print which parameters of a reference model a set of path rules selects
+  (built abstractly: no weights are loaded or allocated).
+
+:func:`validate` parses a whole command line, the experiment's flags included, without
+running it (the docs' commands are checked with it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import argparse
 import platform
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "validate"]
 
 _MODELS = ("minilm", "vit-digits", "llama-1m", "llama-5m", "llama-20m", "llama-100m")
 
@@ -86,19 +89,40 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from subspace_jax import demo
+    from subspace_lab import demo
 
     return demo.main(args.extra) or 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from subspace_jax import bench
+    from subspace_lab import bench
+
+    return bench.main(args.extra)
+
+
+def _experiment(args: argparse.Namespace):
+    """The experiment module ``run NAME`` names (argparse error if there is none)."""
+    from subspace_lab import experiments
 
     try:
-        return bench.main(args.extra)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return experiments.load(args.name)
+    except ValueError as e:
+        _parser().error(str(e))
+
+
+def _list_experiments() -> int:
+    from subspace_lab import experiments
+
+    for name in experiments.names():
+        doc = (experiments.load(name).__doc__ or "").strip().splitlines()
+        print(f"{name:<20} {doc[0] if doc else ''}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list or args.name is None:
+        return _list_experiments()
+    return _experiment(args).main(args.extra) or 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +135,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="benchmark every method: bench [NAME ...] --size tiny|small|full "
                                 "(bench --help)")
     bench.set_defaults(run=_bench)
+    run = sub.add_parser("run", help="run one experiment: run NAME [FLAGS] (run --list; "
+                                     "run NAME --help)")
+    run.add_argument("name", nargs="?", help="the experiment (run --list)")
+    run.add_argument("--list", action="store_true", help="list the experiments")
+    run.set_defaults(run=_run)
     info = sub.add_parser("info", help="versions, devices and what the library offers")
     info.set_defaults(run=_info)
     select = sub.add_parser("select", help="show which parameters path rules select")
@@ -127,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
     Examples:
-        >>> from subspace_jax.__main__ import main
+        >>> from subspace_lab.cli import main
         >>> main(["select", "--model", "llama-1m", "--pattern", r"blocks/0/mlp/(up|down)/kernel"])
         path                      shape       dtype    action
         ------------------------  ----------  -------  ------
@@ -137,11 +166,51 @@ def main(argv: list[str] | None = None) -> int:
         2 of ... parameters selected
         0
     """
+    args = _parse(argv)
+    return args.run(args)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"] and len(argv) > 1 and not argv[1].startswith("-"):
+        # run NAME FLAGS...: every flag after NAME is the experiment's (its own --help)
+        args = _parser().parse_args(argv[:2])
+        args.extra = argv[2:]
+        return args
     args, extra = _parser().parse_known_args(argv)
     if extra and args.run not in (_demo, _bench):
         _parser().error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
-    return args.run(args)
+    return args
+
+
+def validate(argv: list[str]) -> None:
+    """Parse a ``subspace-jax`` command line (without the program name) as running it
+    would, the demo's, bench's or experiment's own flags included, and run nothing.
+
+    Raises:
+        SystemExit: status 2 with argparse's message on stderr, as the command would
+            (``--help`` exits with status 0 after printing the help).
+
+    Examples:
+        >>> validate(["run", "wasi_finetune", "--quick", "--only", "wasi"])
+        >>> validate(["bench", "--size", "tiny", "wasi"])
+        >>> validate(["run", "wasi_finetune", "--no-such-flag"])
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
+    """
+    args = _parse(argv)
+    if args.run is _demo:
+        from subspace_lab import demo
+
+        demo.parse(args.extra)
+    elif args.run is _bench:
+        from subspace_lab import bench
+
+        bench.parse(args.extra)
+    elif args.run is _run and args.name is not None:
+        _experiment(args).parse(args.extra)
 
 
 if __name__ == "__main__":

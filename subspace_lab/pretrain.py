@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 
 from subspace_jax import checkpoint, data, train
-from subspace_jax.baselines import Run
+from subspace_lab.baselines import Run
 from subspace_jax.models import llama
 
 __all__ = ["LMConfig", "pretrain_lm", "train_lm", "lm_optimizer", "load_lm", "lm_metrics"]

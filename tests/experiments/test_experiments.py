@@ -1,6 +1,5 @@
-"""Smoke tests of the baselines' quick paths and the experiment scripts (tiny settings)."""
+"""Smoke tests of the baselines' quick paths, the experiments (tiny settings) and the demo."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,20 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from subspace_jax import baselines, data, demo, experiment, pretrain, train
+from subspace_jax import data, train
+from subspace_lab import baselines, demo, experiments, pretrain, records
 from subspace_jax.models import bert
 
-ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parents[2] / "results"  # the repository's recorded runs
 # One encoder layer, a few steps on short texts: the code path of the real runs, in seconds.
 TINY = dict(num_layers=1, steps=3, batch_size=4, max_length=16, train_limit=32, eval_limit=8,
             eval_batch_size=8, evals=1)
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _read(path):
@@ -34,17 +27,17 @@ def _read(path):
 
 
 def test_write_result_adds_environment_and_cleans_values(tmp_path):
-    path = experiment.write_result("x", {"a": np.float32(0.5), "b": float("nan"),
+    path = records.write_result("x", {"a": np.float32(0.5), "b": float("nan"),
                                          "c": np.arange(2)}, results_dir=tmp_path)
     result = _read(path)
     assert (result["name"], result["a"], result["b"], result["c"]) == ("x", 0.5, None, [0, 1])
     with pytest.raises(ValueError, match="name='a/b'"):
-        experiment.write_result("a/b", {}, results_dir=tmp_path)
+        records.write_result("a/b", {}, results_dir=tmp_path)
 
 
 def test_text_baselines_cli_majority_is_train_majority_share(tmp_path):
     pytest.importorskip("sklearn")
-    assert _script("text_baselines").main(["--quick", "--results-dir", str(tmp_path)]) == 0
+    assert experiments.load("text_baselines").main(["--quick", "--results-dir", str(tmp_path)]) == 0
     result = _read(tmp_path / "text_baselines_quick.json")
     assert (tmp_path / "text_baselines_quick.png").stat().st_size > 0
     topics = data.load_pydoc_topics()  # independent count
@@ -92,7 +85,7 @@ def test_lora_finetune_trains_only_adapters_and_head():
 def test_full_finetune_cli_writes_result_and_plot(tmp_path):
     args = ["--quick", "--mode", "full", "--no-progress", "--results-dir", str(tmp_path)]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items() if k != "eval_batch_size"]
-    assert _script("minilm_finetune").main(args) == 0
+    assert experiments.load("minilm_finetune").main(args) == 0
     result = _read(tmp_path / "minilm_finetune_full_quick.json")
     assert (tmp_path / "minilm_finetune_full_quick.png").stat().st_size > 0
     assert result["mode"] == "full" and result["steps"] == 3
@@ -116,10 +109,10 @@ def test_lm_quick_reduces_loss_and_checkpoint_restores_exactly(tmp_path):
     assert restored.keys() == trained.keys()
     for path, value in trained.items():
         np.testing.assert_array_equal(restored[path], value, err_msg=path)
-    # LittleBit-2 on this decoder (experiments/littlebit_lm.py), smoke size: the packed model
+    # LittleBit-2 on this decoder (subspace-jax run littlebit_lm), smoke size: the packed model
     # evaluates to the trained one's perplexity, and QAT moves the compressed decoder.
     out = tmp_path / "out"
-    assert _script("littlebit_lm").main([
+    assert experiments.load("littlebit_lm").main([
         "--quick", "--checkpoint-dir", str(tmp_path / "lm"), "--bpw", "1.0", "--steps", "4",
         "--eval-batches", "1", "--itq-iters", "2", "--no-progress",
         "--results-dir", str(out)]) == 0
@@ -148,10 +141,10 @@ def test_every_registered_demo_entry_has_live_and_recorded_rows():
     gemma_rows = [row for row in out["rows"] if row["entry"] == "gemma"]
     assert [row["method"] for row in gemma_rows] == ["Gemma tiny"] * 2
     assert gemma_rows[0]["note"].startswith("ppl ") and "greedy 8 tokens" in gemma_rows[1]["note"]
-    rows, sources = demo.recorded(demo.RESULTS_DIR)  # the repository's, whatever the cwd
+    rows, sources = demo.recorded(RESULTS)
     recorded_entries = {row["entry"] for row in rows}
     assert recorded_entries == set(demo.ENTRIES), "every entry needs a recorded full run"
-    assert all("experiments/" in s for s in sources)
+    assert sources and all("`subspace-jax run " in s for s in sources)  # today's commands
     with pytest.raises(ValueError, match="unknown methods \\['nope'\\]"):
         demo.run(methods=["nope"], budget=budget)
 
@@ -159,7 +152,7 @@ def test_every_registered_demo_entry_has_live_and_recorded_rows():
 def test_demo_cli_passes_seed_and_methods(capsys, monkeypatch):
     seen = {}
     monkeypatch.setattr(demo, "run", lambda **kw: seen.update(kw) or {"rows": [], "seconds": {}})
-    from subspace_jax.__main__ import main
+    from subspace_lab.cli import main
     assert main(["demo", "--methods", "baselines", "--seed", "7", "--steps", "5",
                  "--no-progress"]) == 0
     assert seen["budget"].seed == 7 and seen["budget"].steps == 5

@@ -1,6 +1,6 @@
 """The demo: every method on one task, live at a shared quick budget, beside recorded runs.
 
-``python -m subspace_jax demo`` fine-tunes pretrained all-MiniLM-L6-v2 on the pydoc-topics
+``subspace-jax demo`` fine-tunes pretrained all-MiniLM-L6-v2 on the pydoc-topics
 task (classifying Python standard-library docstrings into 11 topics, split by module) and
 prints one table: accuracy on val and test, median training-step time, compiled memory of
 the step, residual bytes saved for backward, and trainable parameters. Each entry of
@@ -25,13 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from subspace_jax import baselines, experiment
+from subspace_lab import baselines, experiments, records, runner
+from subspace_lab.rows import Budget, row
 
 __all__ = ["Budget", "Entry", "ENTRIES", "RESULTS_DIR", "run", "table", "recorded", "main"]
 
-_MIB = 2.0 ** 20
-#: The repository's ``results/`` (where ``experiments/*.py`` write), whatever the cwd.
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
+#: Where the recorded results are read from by default: ``./results``.
+RESULTS_DIR = runner.RESULTS_DIR
 _EXPLANATION = (
     "Rows share the same val/test texts. step = median seconds per training step; memory = "
     "XLA's compiled step (arguments + outputs - aliased + temporaries); residuals = "
@@ -39,42 +39,6 @@ _EXPLANATION = (
 _NOTE_EXPLANATION = (
     "Gemma rows: Gemma 3 270M as the float dequantization of its 4-8-bit GGUF (the baseline "
     "every method on Gemma is compared with); ppl = held-out perplexity, BOS-led windows.")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Budget:
-    """The shared quick fine-tuning budget of the live rows.
-
-    Attributes:
-        steps: training steps of every live fine-tuning run.
-        settings: other :class:`~subspace_jax.baselines.FinetuneConfig` fields shared by
-            every run (e.g. ``eval_limit``, ``batch_size``; tests shrink the model here).
-        seed: seed of subsets, initialisation and batch order.
-        quick: use the quick :class:`~subspace_jax.baselines.FinetuneConfig` defaults.
-        gemma: the model of the ``gemma`` entry: ``"full"`` (Gemma 3 270M from the weights
-            packages) or ``"tiny"`` (a random ``GemmaConfig.tiny()`` model with a toy
-            vocabulary, for tests).
-
-    Examples:
-        >>> Budget().finetune(mode="lora")["steps"]
-        40
-    """
-
-    steps: int | None = 40
-    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    seed: int = 0
-    quick: bool = True
-    gemma: str = "full"
-
-    def finetune(self, **overrides: Any) -> dict[str, Any]:
-        """Keyword arguments for :func:`~subspace_jax.baselines.finetune_text_classifier`."""
-        steps = {} if self.steps is None else {"steps": self.steps}
-        return {"quick": self.quick, "seed": self.seed, **steps, **self.settings, **overrides}
-
-    @property
-    def eval_limit(self) -> int | None:
-        """The val/test subset size every row uses."""
-        return baselines.FinetuneConfig.make(**self.finetune()).eval_limit
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,21 +57,20 @@ class Entry:
     recorded: Mapping[str, Callable[[Mapping[str, Any]], list[dict[str, Any]]]]
 
     @classmethod
-    def from_script(cls, name: str, stem: str) -> Entry:
-        """The entry of a method whose experiment script ``experiments/<stem>.py`` defines
-        ``demo_rows(budget, progress)`` and ``RECORDED`` (result file -> rows function).
-
-        The script is imported when the entry is first used (a source checkout).
+    def from_experiment(cls, name: str, stem: str) -> Entry:
+        """The entry of a method whose experiment ``stem`` (a module of
+        :mod:`subspace_lab.experiments`) defines ``demo_rows(budget, progress)`` and
+        ``RECORDED`` (result file -> rows function); imported when the entry is first used.
 
         Examples:
-            >>> Entry.from_script("x", "no_such_script").live(Budget(), False)
+            >>> Entry.from_experiment("x", "no_such_experiment").live(Budget(), False)
             Traceback (most recent call last):
             ...
-            FileNotFoundError: demo entry 'x': .../experiments/no_such_script.py not found (run from a source checkout)
+            ValueError: no experiment 'no_such_experiment'; the experiments are: ...
         """
 
         def script() -> Any:
-            return experiment.load_script(stem, owner=f"demo entry {name!r}")
+            return experiments.load(stem)
 
         return cls(name=name, live=lambda budget, progress: script().demo_rows(budget, progress),
                    recorded=_LazyRecorded(script))
@@ -132,47 +95,29 @@ class _LazyRecorded(Mapping):
         return len(self._map())
 
 
-def _row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
-    memory = result.get("compiled_memory")
-    return {
-        "method": name, "val_accuracy": result["val_accuracy"],
-        "test_accuracy": result["test_accuracy"],
-        "step_seconds": result.get("median_step_seconds"),
-        "memory_mib": memory["total"] / _MIB if memory else None,
-        "residual_mib": result["residual_bytes"] / _MIB if "residual_bytes" in result else None,
-        "trainable_params": result.get("trainable_params"),
-    }
-
-
-def _note_row(name: str, note: str) -> dict[str, Any]:
-    """A row without fine-tuning columns (a language-model entry): ``note`` says it all."""
-    return {"method": name, "val_accuracy": None, "test_accuracy": None, "step_seconds": None,
-            "memory_mib": None, "residual_mib": None, "trainable_params": None, "note": note}
-
-
 def _baseline_rows(budget: Budget, progress: bool) -> list[dict[str, Any]]:
     base = baselines.text_baselines(quick=budget.quick, seed=budget.seed,
                                     eval_limit=budget.eval_limit)
     full = baselines.finetune_text_classifier(progress=progress, **budget.finetune(mode="full"))
     lora = baselines.finetune_text_classifier(progress=progress, **budget.finetune(mode="lora"))
-    return [_row("majority class", base["majority"]), _row("bag of words", base["bag_of_words"]),
-            _row("MiniLM full FT", full), _row(f"MiniLM LoRA r{lora['config']['lora_rank']}", lora)]
+    return [row("majority class", base["majority"]), row("bag of words", base["bag_of_words"]),
+            row("MiniLM full FT", full), row(f"MiniLM LoRA r{lora['config']['lora_rank']}", lora)]
 
 
 #: The demo's entries in table order; a method adds one ``Entry`` here (usually
-#: ``Entry.from_script``, naming the experiment script that holds its rows).
+#: ``Entry.from_experiment``, naming the experiment that holds its rows).
 ENTRIES: dict[str, Entry] = {
     "baselines": Entry(name="baselines", live=_baseline_rows, recorded={
-        "text_baselines.json": lambda d: [_row("majority class", d["majority"]),
-                                          _row("bag of words", d["bag_of_words"])],
-        "minilm_finetune_full.json": lambda d: [_row("MiniLM full FT", d)],
-        "minilm_finetune_lora.json": lambda d: [_row(f"MiniLM LoRA r{d['config']['lora_rank']}", d)],
+        "text_baselines.json": lambda d: [row("majority class", d["majority"]),
+                                          row("bag of words", d["bag_of_words"])],
+        "minilm_finetune_full.json": lambda d: [row("MiniLM full FT", d)],
+        "minilm_finetune_lora.json": lambda d: [row(f"MiniLM LoRA r{d['config']['lora_rank']}", d)],
     }),
-    "lorapre": Entry.from_script("lorapre", "lorapre_finetune"),
-    "littlebit": Entry.from_script("littlebit", "littlebit_finetune"),
-    "wasi": Entry.from_script("wasi", "wasi_finetune"),
-    "nested": Entry.from_script("nested", "nested_finetune"),
-    "gemma": Entry.from_script("gemma", "gemma_eval"),
+    "lorapre": Entry.from_experiment("lorapre", "lorapre_finetune"),
+    "littlebit": Entry.from_experiment("littlebit", "littlebit_finetune"),
+    "wasi": Entry.from_experiment("wasi", "wasi_finetune"),
+    "nested": Entry.from_experiment("nested", "nested_finetune"),
+    "gemma": Entry.from_experiment("gemma", "gemma_eval"),
 }
 
 
@@ -218,7 +163,7 @@ def run(*, methods: Sequence[str] | None = None, budget: Budget | None = None,
 
 def recorded(results_dir: str | Path = RESULTS_DIR, methods: Sequence[str] | None = None,
              ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows of the full-setting runs recorded in ``results_dir`` by ``experiments/*.py``.
+    """Rows of the full-setting runs recorded in ``results_dir`` by the experiments (``subspace-jax run``).
 
     Returns:
         ``(rows, sources)``: table rows as in :func:`run` (none for a missing file) and
@@ -243,7 +188,7 @@ def recorded(results_dir: str | Path = RESULTS_DIR, methods: Sequence[str] | Non
 
 def _source(path: Path, data: Mapping[str, Any]) -> str:
     env = data.get("environment", {})
-    return (f"{path.name}: `{env.get('command', '?')}` on {env.get('machine', '?')} "
+    return (f"{path.name}: `{records.command(data)}` on {env.get('machine', '?')} "
             f"({env.get('cpu_count', '?')} CPUs, jax {env.get('versions', {}).get('jax', '?')}), "
             f"{env.get('timestamp', '?')[:10]}")
 
@@ -278,12 +223,7 @@ def table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m subspace_jax demo [--methods a,b] [--steps N] [--seed S] [--no-progress]``.
-
-    Examples:
-        >>> main(["--help"])  # doctest: +SKIP
-    """
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subspace-jax demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(ENTRIES),
                         help=f"comma-separated entries (default: all of {','.join(ENTRIES)})")
@@ -293,12 +233,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR,
                         help="where the recorded full-setting results are read")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The demo's arguments, checked (argparse exits with status 2 on a bad one); ``methods``
+    becomes the list of entry names."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
-        _entries(methods)
+        _entries(args.methods)
     except ValueError as e:
         parser.error(str(e))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``subspace-jax demo [--methods a,b] [--steps N] [--seed S] [--no-progress]``."""
+    args = parse(argv)
+    methods = args.methods
     budget = Budget(steps=args.steps, seed=args.seed)
     gemma = ("; gemma: Gemma 3 270M held-out perplexity and greedy decoding"
              if "gemma" in methods else "")

@@ -1,10 +1,10 @@
 """LittleBit-2 QAT by distillation on all-MiniLM-L6-v2: sentence embeddings before and after.
 
-    python experiments/littlebit_qat.py [--quick] [--bpw 1.0 0.55 0.3 0.1] [--steps N]
+    subspace-jax run littlebit_qat [--quick] [--bpw 1.0 0.55 0.3 0.1] [--steps N]
 
 For every bits-per-weight target the 36 encoder Linear kernels are compressed (Dual-SVID +
 Joint-ITQ + residual path; at 0.1 bpw one path and rank >= 8, as in
-``experiments/littlebit_compress.py``), then distilled from the frozen full-precision
+``subspace-jax run littlebit_compress``), then distilled from the frozen full-precision
 MiniLM with :mod:`subspace_jax.littlebit.qat` (per-layer hidden MSE x 10, in-batch
 similarity KL, 1 - cos; embeddings frozen) on the pydoc-topics training texts (64 tokens),
 the same number of steps at every target. On the held-out test texts it reports, before
@@ -33,11 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from subspace_jax import data, experiment, littlebit, train
+from subspace_jax import data, littlebit, train
+from subspace_lab import analysis, records, runner
 from subspace_jax.littlebit import qat
 from subspace_jax.models import bert
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 BPWS = (1.0, 0.55, 0.3, 0.1)
 KERNELS = r"encoder/layers/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
 
@@ -54,15 +54,16 @@ def _tokens(texts, max_length: int) -> dict[str, np.ndarray]:
 
 def embed(model: bert.Bert, arrays: dict[str, np.ndarray], batch_size: int = 128) -> np.ndarray:
     """Unit sentence embeddings of ``arrays`` in fixed-size batches (one compile per model)."""
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, b: bert._sentence_embedding(graphdef, s, b["input_ids"],
-                                                       b["attention_mask"], b["token_type_ids"]))
+    def fn(chunk):
+        return bert.sentence_embedding(model, chunk["input_ids"], chunk["attention_mask"],
+                                       chunk["token_type_ids"])
+
     n, out = len(arrays["input_ids"]), []
     for start in range(0, n, batch_size):
         chunk = {k: v[start:start + batch_size] for k, v in arrays.items()}
         pad = batch_size - len(chunk["input_ids"])
         chunk = {k: np.concatenate([v, np.repeat(v[:1], pad, 0)]) for k, v in chunk.items()}
-        out.append(np.asarray(fn(state, chunk))[:batch_size - pad])
+        out.append(np.asarray(fn(chunk))[:batch_size - pad])
     return np.concatenate(out)
 
 
@@ -161,17 +162,17 @@ def plot(result: dict, path: pathlib.Path) -> pathlib.Path:
             for when in ("before", "after")}
     curves = {f"{b} bpw": (range(1, len(pts[str(b)]["history"]["losses"]) + 1),
                            pts[str(b)]["history"]["losses"]) for b in result["bpws"]}
-    experiment.plot_curves(path, panels, xlabel="bits per weight (achieved, linear layers)",
+    analysis.plot_curves(path, panels, xlabel="bits per weight (achieved, linear layers)",
                            title="MiniLM LittleBit-2: sentence embeddings before/after QAT")
-    experiment.plot_curves(path.with_name(path.stem + "_loss.png"),
+    analysis.plot_curves(path.with_name(path.stem + "_loss.png"),
                            {"distillation loss": curves}, logy=("distillation loss",),
                            title="MiniLM LittleBit-2 QAT")
     return path
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="0.55 and 0.1 bpw, 20 steps, 256 texts")
+    p = runner.parser(__name__, __doc__,
+                      quick="0.55 and 0.1 bpw, 20 steps, 256 texts", seed_help="eval subset, batch order and QAT key", sizes=SIZES)
     p.add_argument("--bpw", type=float, nargs="+", default=list(BPWS))
     p.add_argument("--steps", type=int, help="QAT steps at every target (default 200)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -179,10 +180,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-limit", type=int, help="test texts evaluated (default all)")
     p.add_argument("--itq-iters", type=int, default=50)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--results-dir", type=pathlib.Path, default=RESULTS)
-    p.add_argument("--name", help="result file stem")
-    return p.parse_args(argv)
+    return runner.parse(p, argv)
 
 
 #: ``subspace-jax bench --size``: this script's arguments (``full``: the recorded run).
@@ -220,12 +218,12 @@ def main(argv=None) -> int:
     name = args.name or "littlebit_qat" + ("_quick" if args.quick else "")
 
     def write(partial: dict) -> pathlib.Path:
-        return experiment.write_result(name, partial, results_dir=args.results_dir)
+        return records.write_result(name, partial, results_dir=args.results_dir)
 
     result = run(quick=args.quick, bpws=tuple(args.bpw), steps=args.steps,
                  batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
                  eval_limit=args.eval_limit, itq_iters=args.itq_iters,
-                 progress=not args.no_progress, on_point=write)
+                 seed=args.seed, progress=not args.no_progress, on_point=write)
     path = write(result)
     plot(result, path.with_suffix(".png"))
     print(f"\n{'bpw':>5} {'linear bpw':>10} {'cos before':>10} {'cos after':>10} "

@@ -1,8 +1,8 @@
 """Fine-tune pretrained all-MiniLM-L6-v2 on pydoc topics, fully or with LoRA.
 
-    python experiments/minilm_finetune.py --mode full
-    python experiments/minilm_finetune.py --mode lora
-    python experiments/minilm_finetune.py --mode lora --quick      # a couple of minutes
+    subspace-jax run minilm_finetune --mode full
+    subspace-jax run minilm_finetune --mode lora
+    subspace-jax run minilm_finetune --mode lora --quick      # a couple of minutes
 
 Writes ``results/minilm_finetune_<mode>[_quick].json`` (accuracies, step measurements,
 history, environment) and the matching ``.png`` (training loss, validation accuracy).
@@ -12,34 +12,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-from subspace_jax import baselines, experiment
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from subspace_lab import analysis, baselines, records, runner
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(module: str = __name__, doc: str = __doc__) -> argparse.ArgumentParser:
+    """The flags (a method's own experiment adds its flags and its ``doc``)."""
+    p = runner.parser(module, doc, quick="short run on subsets", seed=None)
     p.add_argument("--mode", choices=sorted(baselines.METHODS), default="full")
-    p.add_argument("--quick", action="store_true", help="short run on subsets")
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--lora-rank", type=int)
-    p.add_argument("--seed", type=int)
     p.add_argument("--train-limit", type=int)
     p.add_argument("--eval-limit", type=int)
     p.add_argument("--evals", type=int, help="validation evaluations during training")
     p.add_argument("--num-layers", type=int, help="keep only the first encoder layers")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--name", help="result file stem")
-    return p.parse_args(argv)
+    return p
+
+
+def parse(argv=None) -> argparse.Namespace:
+    return runner.parse(parser(), argv)
 
 
 def smooth(values, window: int = 10) -> np.ndarray:
@@ -48,9 +45,11 @@ def smooth(values, window: int = 10) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def main(argv=None, *, method: baselines.Method | None = None) -> int:
-    """Run, write and print; ``method`` replaces ``--mode`` (a method's own script passes it)."""
-    args = parse(argv)
+def main(argv=None, *, method: baselines.Method | None = None,
+         args: argparse.Namespace | None = None) -> int:
+    """Run, write and print; ``method`` replaces ``--mode`` (a method's own experiment passes
+    it, and ``args`` when it parsed flags of its own)."""
+    args = parse(argv) if args is None else args
     if method is not None:
         args.mode = method.name
     fields = {f for f in baselines.FinetuneConfig.__dataclass_fields__ if f != "quick"}
@@ -58,14 +57,14 @@ def main(argv=None, *, method: baselines.Method | None = None) -> int:
     result = baselines.finetune_text_classifier(quick=args.quick, progress=not args.no_progress,
                                                 method=method, **settings)
     name = args.name or f"minilm_finetune_{args.mode}" + ("_quick" if args.quick else "")
-    path = experiment.write_result(name, result, results_dir=args.results_dir)
+    path = records.write_result(name, result, results_dir=args.results_dir)
     hist = result["history"]
     losses = hist["losses"]
     curves = {"train": (range(1, len(losses) + 1), losses)}
     if len(losses) >= 10:
         curves["train (10-step mean)"] = (range(10, len(losses) + 1), smooth(losses))
     evals = hist["evals"]
-    experiment.plot_curves(path.with_suffix(".png"), {
+    analysis.plot_curves(path.with_suffix(".png"), {
         "training loss": curves,
         "validation accuracy": {"val": ([e["step"] for e in evals],
                                         [e["val_accuracy"] for e in evals])},

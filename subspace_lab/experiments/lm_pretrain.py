@@ -1,11 +1,11 @@
 """Pretrain a small Llama decoder on the standard library's source; perplexity vs unigram.
 
-    python experiments/lm_pretrain.py [--preset 1m] [--steps N] [--quick]
+    subspace-jax run lm_pretrain [--preset 1m] [--steps N] [--quick]
 
 Writes ``results/lm_pretrain[_quick].json`` and ``.png`` (training and validation loss,
 unigram baseline), and the trained parameters, ``config.json`` and ``tokenizer.json`` under
 ``results/checkpoints/lm_pretrain[_quick]/`` (git-ignored; reload with
-``subspace_jax.pretrain.load_lm``).
+``subspace_lab.pretrain.load_lm``).
 """
 
 from __future__ import annotations
@@ -15,15 +15,12 @@ import math
 import sys
 from pathlib import Path
 
-from subspace_jax import experiment, pretrain
-
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+from subspace_lab import analysis, pretrain, records, runner
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = runner.parser(__name__, __doc__, quick="short run on a 300 kB corpus", seed=None)
     p.add_argument("--preset", help="model size: 1m, 5m, 20m, 100m")
-    p.add_argument("--quick", action="store_true", help="short run on a 300 kB corpus")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
@@ -32,12 +29,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-bytes", type=int)
     p.add_argument("--eval-batches", type=int)
     p.add_argument("--evals", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--checkpoint-dir", type=Path, help="default: <results>/checkpoints/<name>")
-    p.add_argument("--name", help="result file stem")
-    return p.parse_args(argv)
+    return runner.parse(p, argv)
 
 
 def main(argv=None) -> int:
@@ -48,10 +41,10 @@ def main(argv=None) -> int:
     ckpt = args.checkpoint_dir or args.results_dir / "checkpoints" / name
     result = pretrain.pretrain_lm(quick=args.quick, progress=not args.no_progress,
                                    checkpoint_dir=ckpt, **settings)
-    path = experiment.write_result(name, result, results_dir=args.results_dir)
+    path = records.write_result(name, result, results_dir=args.results_dir)
     hist, steps = result["history"], result["config"]["steps"]
     unigram = math.log(result["unigram_perplexity"])
-    experiment.plot_curves(path.with_suffix(".png"), {"loss (nats / token)": {
+    analysis.plot_curves(path.with_suffix(".png"), {"loss (nats / token)": {
         "train": (range(1, len(hist["losses"]) + 1), hist["losses"]),
         "validation": ([e["step"] for e in hist["evals"]], [e["val_loss"] for e in hist["evals"]]),
         "unigram (validation)": ([1, steps], [unigram, unigram]),
