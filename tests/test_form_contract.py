@@ -4,7 +4,9 @@ A new form joins by adding an entry to ``FORMS``: ``factory(key, (in, out), dtyp
 returns a kernel of that logical shape and dtype whose product is not trivially zero, and
 ``bits(dtype)`` is the number of bits it must store, counted by hand for ``SHAPE``.
 Differentiated contractions run on ``(ROWS, in)`` inputs (WASI's form keeps the Tucker basis
-of a calibrated activation shape for its backward).
+of a calibrated activation shape for its backward). A form whose training needs the train
+step's ``post_update`` (WASI's master variant re-derives its forward factors there) names it
+in ``POST_UPDATE``.
 """
 
 import dataclasses
@@ -56,6 +58,16 @@ def _wasi(key, shape, dtype):
                            key="contract")
 
 
+def _wasi_master(key, shape, dtype):
+    """WASI's master variant: the ``(in, out)`` master matrix in the dtype trains, the float32
+    rank-6 factors (its SVD; re-derived by ``wasi.post_update``) and basis are frozen."""
+    w = _dense(key, shape, jnp.float32)
+    low = forms.LowRank.from_dense(w, rank=6, split=1.0)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (ROWS, shape[0]))
+    return wasi.WasiMasterKernel(low.a, low.b, tuple(linalg.hosvd(x, ranks=(8, 4)).factors),
+                                 w=w.astype(dtype), key="contract")
+
+
 SHAPE = (16, 12)
 ROWS = 32
 _IN, _OUT = SHAPE
@@ -76,7 +88,13 @@ FORMS = {
     "nested": (_nested, lambda dtype: _BITS[dtype] * 5 * (_IN + _OUT)),
     # rank-6 factors in the dtype, float32 activation basis (ROWS, 8) and (in, 4)
     "wasi": (_wasi, lambda dtype: _BITS[dtype] * 6 * (_IN + _OUT) + 32 * (ROWS * 8 + _IN * 4)),
+    # the master matrix in the dtype, float32 rank-6 factors and the same float32 basis
+    "wasi_master": (_wasi_master, lambda dtype: _BITS[dtype] * _IN * _OUT
+                    + 32 * (6 * (_IN + _OUT) + ROWS * 8 + _IN * 4)),
 }
+# what the shared train step runs after each optimizer update (``post_update``), per form:
+# the master variant's forward reads factors that only this re-derives from the trained ``w``
+POST_UPDATE = {"wasi": wasi.post_update, "wasi_master": wasi.post_update}
 # |error| / max|y| of matmul against x @ materialize in float32: bfloat16 rounds the output,
 # a form's intermediate product and its materialized matrix, each by at most 2^-8
 # relatively; measured worst over 20 seeds: 0.76, 2.15 and 1.39 x 2^-8 (dense, low_rank, lora)
@@ -169,6 +187,7 @@ def test_eval_shape(make):
     assert forms.nbytes(abstract) == forms.nbytes(kernel)
     if forms.is_form(kernel):
         assert abstract.shape == SHAPE and abstract.flops(3) == kernel.flops(3)
+        assert abstract.bits == kernel.bits
 
 
 def _double_floats(tree):
@@ -186,7 +205,7 @@ def _expected_double(kernel):
     return forms.materialize(kernel) * (4 if forms.is_form(kernel) else 2)
 
 
-def test_tree_map_grad_and_optax_update(make):
+def test_tree_map_grad_and_optax_update(form_name, make):
     kernel = make(jax.random.key(0), SHAPE, jnp.float32)
     doubled = _double_floats(kernel)
     assert type(doubled) is type(kernel)
@@ -200,17 +219,20 @@ def test_tree_map_grad_and_optax_update(make):
 
     mask = train.trainable_mask({"k": kernel})["k"]  # the one freeze mechanism
     trainable, frozen = train.partition(kernel, mask)
-    grad = jax.jit(jax.grad(lambda t: loss(train.combine(t, frozen))))
-    assert jax.tree.structure(grad(trainable)) == jax.tree.structure(trainable)
+    grad = jax.jit(jax.grad(lambda t, f: loss(train.combine(t, f))))
+    assert jax.tree.structure(grad(trainable, frozen)) == jax.tree.structure(trainable)
     # clipping maps every leaf to a scalar (global norm): forms must survive that rebuild
     tx = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(1e-2))
     state = train.init_optimizer(tx, kernel, mask)
+    post_update = POST_UPDATE.get(form_name, lambda params: (params, None))
     losses = [float(loss(kernel))]
     for _ in range(20):
         with jax.numpy_dtype_promotion(train.OPTIMIZER_PROMOTION):
-            updates, state = tx.update(grad(trainable), state, trainable)
+            updates, state = tx.update(grad(trainable, frozen), state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        losses.append(float(loss(train.combine(trainable, frozen))))
+        updated = post_update({"k": train.combine(trainable, frozen)})[0]["k"]
+        trainable, frozen = train.partition(updated, mask)
+        losses.append(float(loss(updated)))
     assert type(train.combine(trainable, frozen)) is type(kernel)
     print("loss", losses[0], "->", losses[-1])
     if jax.tree.leaves(trainable):

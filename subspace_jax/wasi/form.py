@@ -16,8 +16,9 @@ matrix), so the model's own code runs it through the one call path
 
 The refreshed basis leaves the forward through :func:`subspace_jax.forms.emit`, a side channel:
 inside ``jax.checkpoint``/``nnx.remat`` (or a scan), collect it within the transformed
-function, return it, and emit it again outside (``RematLayer`` in
-``experiments/wasi_finetune.py`` does this); a value may not leave a JAX transform otherwise.
+function, return it, and emit it again outside (as ``RematLayer`` of
+``subspace_lab.experiments.wasi_finetune`` does); a value may not leave a JAX transform
+otherwise.
 
 :class:`WasiMasterKernel` is the ``master`` variant: a full master matrix ``w`` trains, and
 ``a``, ``b`` are frozen and re-derived from it after every step by
@@ -210,5 +211,16 @@ class WasiMasterKernel(WasiKernel):
     frozen_fields: ClassVar[tuple[str, ...]] = ("a", "b", "basis")
     variant: ClassVar[str] = "master"
 
+    @property
+    def dtype(self) -> Any:
+        """The master matrix's dtype: the forward runs the float32 factors in it, as the
+        exported inference form does (:func:`subspace_jax.wasi.export`)."""
+        return self.w.dtype
+
+    def matrix(self) -> Array:
+        return jnp.matmul(self.a.astype(self.w.dtype), self.b.astype(self.w.dtype))
+
     def _operands(self) -> tuple[Array | None, Array, Array]:
-        return self.w, forms.stop_gradient(self.a), forms.stop_gradient(self.b)
+        dtype = self.w.dtype
+        return (self.w, forms.stop_gradient(self.a.astype(dtype)),
+                forms.stop_gradient(self.b.astype(dtype)))
