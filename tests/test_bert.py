@@ -314,3 +314,17 @@ def test_left_abstract_variable_is_an_error(tiny):
     model.extra = nnx.Param(jax.ShapeDtypeStruct((2,), jnp.float32))
     with pytest.raises(ValueError, match="unfilled.*extra"):
         bert.load_state_from_safetensors(model, _to_hf(tiny))
+
+
+def test_hidden_states_are_the_forward_pass(tiny):
+    mask = (PAD_IDS != 9).astype(jnp.int32)
+    states = tiny.hidden_states(PAD_IDS, mask)
+    assert len(states) == TINY.num_layers + 1
+    np.testing.assert_array_equal(
+        states[0], tiny.embeddings(PAD_IDS, jnp.zeros_like(PAD_IDS), deterministic=True,
+                                   rngs=None))
+    np.testing.assert_array_equal(states[-1], tiny(PAD_IDS, mask))
+    dropped = tiny.hidden_states(PAD_IDS, mask, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    np.testing.assert_array_equal(
+        dropped[-1], tiny(PAD_IDS, mask, deterministic=False, rngs=nnx.Rngs(dropout=1)))
+    assert not np.array_equal(dropped[-1], states[-1])

@@ -51,19 +51,25 @@ def _tokens(n, seed=0):
     return [{"tokens": rng.integers(0, 64, (4, 16)).astype(np.int32)} for _ in range(n)]
 
 
-def test_hidden_walks_match_the_models_own_forward(decoder):
-    teacher, student = decoder
+def test_losses_read_the_models_own_hidden_states(decoder):
+    teacher, _ = decoder
     tokens = jnp.asarray(_tokens(1)[0]["tokens"])
-    logits, hidden = qat.llama_hidden_states(teacher, tokens)
-    assert len(hidden) == 2
-    np.testing.assert_array_equal(logits, teacher(tokens))
-    cfg = bert.BertConfig(vocab_size=50, hidden_size=16, num_layers=3, num_heads=2,
-                          intermediate_size=32, max_position_embeddings=8)
-    enc = bert.Bert(cfg, rngs=nnx.Rngs(0))
-    ids = jnp.array([[2, 5, 7, 0], [3, 4, 0, 0]])
-    hidden = qat.bert_hidden_states(enc, ids, (ids > 0).astype(jnp.int32))
-    assert len(hidden) == 3
-    np.testing.assert_array_equal(hidden[-1], enc(ids, (ids > 0).astype(jnp.int32)))
+    hidden = teacher.hidden_states(tokens, final_norm=True)
+    assert len(hidden) == 3  # embedding + 2 blocks; the loss matches the 2 block outputs
+    np.testing.assert_array_equal(teacher.logits(hidden[-1]), teacher(tokens))
+
+    class NoWalk(nnx.Module):
+        def __call__(self, tokens):
+            return tokens
+
+    batch = {"tokens": tokens, "teacher": nnx.state(NoWalk())}
+    with pytest.raises(TypeError, match="NoWalk has no hidden_states"):
+        qat.lm_loss_fn(nnx.graphdef(NoWalk()))(NoWalk(), batch, None)
+    with pytest.raises(TypeError, match="qat.encoder_loss_fn: NoWalk has no hidden_states"):
+        ids = jnp.ones((2, 4), jnp.int32)
+        qat.encoder_loss_fn(nnx.graphdef(NoWalk()))(NoWalk(), {
+            "input_ids": ids, "attention_mask": ids, "token_type_ids": ids,
+            "teacher": nnx.state(NoWalk())}, None)
 
 
 def test_decoder_qat_lowers_loss_freezes_embeddings_flips_signs_compiles_once(decoder, trained):

@@ -203,3 +203,20 @@ def test_overfits_repeated_sequence():
           f"log(V) = {log_v:.3f}")
     assert abs(losses[0] - log_v) < 1.0
     assert losses[-1] < 0.3 * log_v
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_hidden_states_are_the_forward_pass(tie):
+    cfg = LlamaConfig(**TINY, kv_heads=2, tie_embeddings=tie)
+    model, tokens = Llama(cfg, rngs=nnx.Rngs(0)), _tokens((2, 7))
+    states = model.hidden_states(tokens)
+    normed = model.hidden_states(tokens, final_norm=True)
+    assert len(states) == len(normed) == cfg.depth + 1
+    np.testing.assert_array_equal(states[0], model.embed(tokens))
+    for a, b in zip(states[:-1], normed[:-1]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(normed[-1], model.final_norm(states[-1]))
+    np.testing.assert_array_equal(normed[-1], model.features(tokens))
+    np.testing.assert_array_equal(model.logits(normed[-1]), model(tokens))
+    with pytest.raises(ValueError, match="max_len"):
+        model.hidden_states(jnp.zeros((1, cfg.max_len + 1), jnp.int32))

@@ -3,7 +3,8 @@
 The step is :func:`subspace_jax.train.make_train_step` with a distillation ``loss_fn``; the
 teacher runs in the same jitted step (no cache), its outputs behind ``stop_gradient``:
 
-* decoder (:class:`~subspace_jax.models.llama.Llama`), the paper's recipe exactly:
+* decoder (:class:`~subspace_jax.models.llama.Llama`,
+  :class:`~subspace_jax.models.gemma.Gemma`), the paper's recipe exactly:
   ``KL(teacher || student)`` of the next-token logits (``batchmean``: summed over positions)
   plus ``10 x`` the sum over layers of the hidden-state MSE (every block output, the last
   one after the final norm), :func:`~subspace_jax.littlebit.distill_loss`;
@@ -13,9 +14,12 @@ teacher runs in the same jitted step (no cache), its outputs behind ``stop_gradi
   diagonal left out), which is what retrieval reads, plus ``1 - cos`` between each
   student embedding and its teacher's.
 
-Per-layer hidden states come from :func:`bert_hidden_states` / :func:`llama_hidden_states`,
-which walk the model's own submodules in the order its ``__call__`` does (the models return
-only their last output; the tests check the walk against ``__call__``).
+Per-layer hidden states come from the model's own ``hidden_states`` method (its forward
+pass, which ``__call__`` runs too): a decoder's ``hidden_states(tokens, final_norm=True)``
+and ``logits(features)`` (:meth:`~subspace_jax.models.llama.Llama.hidden_states`), an
+encoder's ``hidden_states(input_ids, attention_mask, token_type_ids)``
+(:meth:`~subspace_jax.models.bert.Bert.hidden_states`); entry 0, the embedding, is left out.
+Any model with these methods distils; one without gets a ``TypeError`` naming its type.
 
 The teacher's parameters travel in the batch (``batch["teacher"]``, see
 :func:`with_teacher`): arrays closed over by a jitted function become constants baked into
@@ -41,11 +45,10 @@ from flax import nnx
 from subspace_jax import rules, train
 from subspace_jax.littlebit.distill import distill_loss
 from subspace_jax.littlebit.form import BinaryLowRank
-from subspace_jax.models import bert
 
 __all__ = [
-    "FROZEN", "train_rules", "bert_hidden_states", "llama_hidden_states", "lm_loss_fn",
-    "encoder_loss_fn", "with_teacher", "setup", "sign_flips",
+    "FROZEN", "train_rules", "lm_loss_fn", "encoder_loss_fn", "with_teacher", "setup",
+    "sign_flips",
 ]
 
 #: Paths that never train in QAT: embeddings, output heads and BERT's (unused) pooler.
@@ -66,63 +69,22 @@ def train_rules(frozen: str = FROZEN) -> list[rules.Rule]:
     return [rules.Rule(pattern=frozen, skip=True), rules.Rule(pattern=".*")]
 
 
-def bert_hidden_states(model: bert.Bert, input_ids: jax.Array, attention_mask: jax.Array,
-                       token_type_ids: jax.Array | None = None) -> list[jax.Array]:
-    """Every encoder layer's output ``(B, T, H)`` (deterministic), as ``Bert.__call__`` runs.
-
-    The last entry equals ``model(input_ids, attention_mask, token_type_ids)``.
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> from subspace_jax.littlebit import qat
-        >>> from subspace_jax.models import bert
-        >>> cfg = bert.BertConfig(vocab_size=20, hidden_size=8, num_layers=2, num_heads=2,
-        ...                       intermediate_size=16, max_position_embeddings=8)
-        >>> model, ids = bert.Bert(cfg, rngs=nnx.Rngs(0)), jnp.ones((2, 5), jnp.int32)
-        >>> hs = qat.bert_hidden_states(model, ids, jnp.ones_like(ids))
-        >>> len(hs), bool(jnp.array_equal(hs[-1], model(ids, jnp.ones_like(ids))))
-        (2, True)
-    """
-    types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-    mask = attention_mask != 0
-    x = model.embeddings(input_ids, types, deterministic=True, rngs=None)
-    hidden = []
-    for layer in model.encoder.layers:
-        x = layer(x, mask, deterministic=True, rngs=None)
-        hidden.append(x)
-    return hidden
+def _method(model: Any, name: str, loss: str) -> Callable:
+    method = getattr(model, name, None)
+    if not callable(method):
+        raise TypeError(
+            f"qat.{loss}: {type(model).__name__} has no {name}() method, which the "
+            "distillation calls for the per-layer hidden states (see "
+            "subspace_jax.models.llama.Llama.hidden_states / subspace_jax.models.bert.Bert."
+            "hidden_states)"
+        )
+    return method
 
 
-def llama_hidden_states(model: Any, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-    """Logits and the ``depth`` hidden states Hugging Face returns after the embeddings.
-
-    Block outputs ``1 .. depth-1``, then the last block's output after the final norm
-    (LittleBit matches exactly these). The logits equal ``model(tokens)``.
-
-    Examples:
-        >>> import jax.numpy as jnp
-        >>> from flax import nnx
-        >>> from subspace_jax.littlebit import qat
-        >>> from subspace_jax.models import llama
-        >>> model = llama.Llama(llama.LlamaConfig(vocab_size=32, dim=16, depth=2, heads=2),
-        ...                     rngs=nnx.Rngs(0))
-        >>> tokens = jnp.ones((2, 5), jnp.int32)
-        >>> logits, hs = qat.llama_hidden_states(model, tokens)
-        >>> len(hs), hs[-1].shape, bool(jnp.array_equal(logits, model(tokens)))
-        (2, (2, 5, 16), True)
-    """
-    cfg = model.config
-    positions = jnp.arange(tokens.shape[1])
-    x = model.embed(tokens)
-    hidden = []
-    for block in model.blocks:
-        x = block(x, positions)
-        hidden.append(x)
-    x = model.final_norm(x).astype(cfg.dtype)
-    hidden[-1] = x
-    logits = model.embed.attend(x) if cfg.tie_embeddings else model.head(x)
-    return logits.astype(jnp.float32), hidden
+def _decoder_outputs(model: Any, tokens: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """Logits and the ``depth`` hidden states after the embedding (the last one final-normed)."""
+    hidden = _method(model, "hidden_states", "lm_loss_fn")(tokens, final_norm=True)[1:]
+    return _method(model, "logits", "lm_loss_fn")(hidden[-1]), hidden
 
 
 def _teacher(graphdef: nnx.GraphDef, batch: dict) -> nnx.Module:
@@ -134,9 +96,13 @@ def lm_loss_fn(teacher_graphdef: nnx.GraphDef, *, hidden_weight: float = 10.0,
                temperature: float = 1.0) -> Callable:
     """``loss_fn(model, batch, key)`` of LittleBit's decoder QAT (logit KL + hidden MSE).
 
-    ``batch`` holds ``tokens`` (int ``(B, T)``, all positions used) and ``teacher`` (the
-    teacher's ``nnx.state``, see :func:`with_teacher`). Aux metrics: ``kl`` and ``hidden``
-    (the weighted hidden-state term).
+    The model (student and teacher) provides ``hidden_states(tokens, final_norm=True)`` and
+    ``logits(features)``, as :class:`~subspace_jax.models.llama.Llama` and
+    :class:`~subspace_jax.models.gemma.Gemma` do; the hidden term matches entries
+    ``1 .. depth`` (every block's output, the last one after the final norm). ``batch``
+    holds ``tokens`` (int ``(B, T)``, all positions used) and ``teacher`` (the teacher's
+    ``nnx.state``, see :func:`with_teacher`). Aux metrics: ``kl`` and ``hidden`` (the
+    weighted hidden-state term).
 
     Args:
         teacher_graphdef: ``nnx.split(teacher)[0]`` of the full-precision model.
@@ -160,8 +126,8 @@ def lm_loss_fn(teacher_graphdef: nnx.GraphDef, *, hidden_weight: float = 10.0,
     def loss_fn(model, batch, key):
         del key
         tokens = batch["tokens"]
-        logits_t, hidden_t = llama_hidden_states(_teacher(teacher_graphdef, batch), tokens)
-        logits_s, hidden_s = llama_hidden_states(model, tokens)
+        logits_t, hidden_t = _decoder_outputs(_teacher(teacher_graphdef, batch), tokens)
+        logits_s, hidden_s = _decoder_outputs(model, tokens)
         kl = distill_loss(logits_s, logits_t, temperature=temperature)
         loss = distill_loss(logits_s, logits_t, hidden_s, hidden_t, hidden_weight=hidden_weight,
                             temperature=temperature)
@@ -188,8 +154,10 @@ def encoder_loss_fn(teacher_graphdef: nnx.GraphDef, *, hidden_weight: float = 10
     embeddings and the similarity logits are ``e e^T / tau`` without the diagonal. The
     hidden term is :func:`~subspace_jax.littlebit.distill_loss`'s (with one-class logits,
     whose KL is 0, so that the token mask applies). ``batch`` holds ``input_ids``,
-    ``attention_mask``, ``token_type_ids`` and ``teacher``; the model is a
-    :class:`~subspace_jax.models.bert.Bert`. Aux: ``kl``, ``hidden``, ``cosine`` (mean
+    ``attention_mask``, ``token_type_ids`` and ``teacher``; the model provides
+    ``hidden_states(input_ids, attention_mask, token_type_ids)`` (deterministic), as
+    :class:`~subspace_jax.models.bert.Bert` does; every layer's output (entries ``1 ..``)
+    is matched. Aux: ``kl``, ``hidden``, ``cosine`` (mean
     cosine to the teacher).
 
     Args:
@@ -214,14 +182,21 @@ def encoder_loss_fn(teacher_graphdef: nnx.GraphDef, *, hidden_weight: float = 10
         (True, 1.0)
     """
 
+    # sentence-transformers' pooling, kept in one place (the BERT module) and read lazily, so
+    # that this module depends on no model.
+    from subspace_jax.models.bert import mean_pool
+
+    def hidden_states(model, inputs):
+        return _method(model, "hidden_states", "encoder_loss_fn")(*inputs)[1:]
+
     def loss_fn(model, batch, key):
         del key
         inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         mask = batch["attention_mask"]
-        hidden_t = bert_hidden_states(_teacher(teacher_graphdef, batch), *inputs)
-        hidden_s = bert_hidden_states(model, *inputs)
-        emb_t = jax.lax.stop_gradient(_unit(bert.mean_pool(hidden_t[-1], mask)))
-        emb_s = _unit(bert.mean_pool(hidden_s[-1], mask))
+        hidden_t = hidden_states(_teacher(teacher_graphdef, batch), inputs)
+        hidden_s = hidden_states(model, inputs)
+        emb_t = jax.lax.stop_gradient(_unit(mean_pool(hidden_t[-1], mask)))
+        emb_s = _unit(mean_pool(hidden_s[-1], mask))
         kl = distill_loss(_similarity_logits(emb_s, tau), _similarity_logits(emb_t, tau))
         one_class = jnp.zeros(mask.shape + (1,), jnp.float32)
         hidden = distill_loss(one_class, one_class, hidden_s, hidden_t,

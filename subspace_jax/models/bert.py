@@ -323,10 +323,16 @@ class Encoder(nnx.Module):
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         self.layers = nnx.List([Layer(config, rngs=rngs) for _ in range(config.num_layers)])
 
-    def __call__(self, x, mask, *, deterministic, rngs) -> jax.Array:
+    def hidden_states(self, x, mask, *, deterministic, rngs) -> list[jax.Array]:
+        """Every layer's output, in order (the last one is ``__call__``'s)."""
+        states = []
         for layer in self.layers:
             x = layer(x, mask, deterministic=deterministic, rngs=rngs)
-        return x
+            states.append(x)
+        return states
+
+    def __call__(self, x, mask, *, deterministic, rngs) -> jax.Array:
+        return self.hidden_states(x, mask, deterministic=deterministic, rngs=rngs)[-1]
 
 
 class Bert(nnx.Module):
@@ -372,7 +378,7 @@ class Bert(nnx.Module):
         token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Encode a batch of token ids.
+        """Encode a batch of token ids: the last entry of :meth:`hidden_states`.
 
         Args:
             input_ids: int ``(B, T)`` token ids, ``T <= max_position_embeddings``.
@@ -383,6 +389,38 @@ class Bert(nnx.Module):
 
         Returns:
             float32 last hidden state ``(B, T, H)``.
+        """
+        return self.hidden_states(input_ids, attention_mask, token_type_ids,
+                                  deterministic=deterministic, rngs=rngs)[-1]
+
+    def hidden_states(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, ...]:
+        """The embedding output and every encoder layer's output, in order.
+
+        Hugging Face's ``output_hidden_states``. This is the forward pass itself:
+        ``__call__`` runs it and returns the last entry.
+
+        Args:
+            input_ids, attention_mask, token_type_ids, deterministic, rngs: as
+                :meth:`__call__`.
+
+        Returns:
+            ``num_layers + 1`` float32 arrays ``(B, T, H)``: index 0 is the embedding
+            (after its LayerNorm and dropout), index ``i`` the output of layer ``i - 1``;
+            the last one is ``__call__``'s. LittleBit's encoder QAT
+            (:func:`subspace_jax.littlebit.qat.encoder_loss_fn`) matches ``[1:]``.
+
+        Examples:
+            >>> cfg = BertConfig(vocab_size=20, hidden_size=8, num_layers=2, num_heads=2,
+            ...                  intermediate_size=16, max_position_embeddings=8)
+            >>> model, ids = Bert(cfg, rngs=nnx.Rngs(0)), jnp.array([[3, 4, 5, 0]])
+            >>> mask = (ids > 0).astype(jnp.int32)
+            >>> states = model.hidden_states(ids, mask)
+            >>> len(states), bool(jnp.array_equal(states[-1], model(ids, mask)))
+            (3, True)
         """
         cfg = self.config
         if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_position_embeddings:
@@ -395,7 +433,7 @@ class Bert(nnx.Module):
         mask = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask != 0
         types = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         x = self.embeddings(input_ids, types, deterministic=deterministic, rngs=rngs)
-        return self.encoder(x, mask, deterministic=deterministic, rngs=rngs)
+        return (x, *self.encoder.hidden_states(x, mask, deterministic=deterministic, rngs=rngs))
 
     def pool(self, hidden: jax.Array) -> jax.Array:
         """Hugging Face's ``pooler_output``: ``tanh(pooler(hidden[:, 0]))``, float32 ``(B, H)``."""

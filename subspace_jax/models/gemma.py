@@ -233,28 +233,41 @@ class Gemma(nnx.Module):
         x = self.embed(tokens)
         return x * jnp.asarray(math.sqrt(self.config.dim), x.dtype)
 
-    def hidden_states(self, tokens: jax.Array) -> tuple[jax.Array, ...]:
+    def hidden_states(self, tokens: jax.Array, *, final_norm: bool = False
+                      ) -> tuple[jax.Array, ...]:
         """The residual stream after the embedding and after every block.
+
+        The forward pass itself: :meth:`features` and ``__call__`` run it.
 
         Args:
             tokens: integer ``(B, T)``.
+            final_norm: apply the final RMSNorm to the last entry (it is then
+                :meth:`features`), as Hugging Face's ``output_hidden_states`` does; LittleBit's
+                QAT (:func:`subspace_jax.littlebit.qat.lm_loss_fn`) matches these.
 
         Returns:
             ``depth + 1`` arrays ``(B, T, dim)`` in ``config.dtype``: index 0 is the scaled
-            embedding, index ``i`` the output of block ``i - 1``. (Hugging Face's
-            ``output_hidden_states`` replaces the last entry by its final-normed value;
-            that one is :meth:`features`.)
+            embedding, index ``i`` the output of block ``i - 1``.
+
+        Examples:
+            >>> model = Gemma(GemmaConfig.tiny(), rngs=nnx.Rngs(0))
+            >>> tokens = jnp.array([[2, 5, 7]])
+            >>> states = model.hidden_states(tokens, final_norm=True)
+            >>> len(states), bool(jnp.array_equal(model.logits(states[-1]), model(tokens)))
+            (4, True)
         """
         self._check(tokens)
         positions = jnp.arange(tokens.shape[1])
         states = [self.embed_tokens(tokens)]
         for block in self.blocks:
             states.append(block(states[-1], positions)[0])
+        if final_norm:
+            states[-1] = self.final_norm(states[-1]).astype(self.config.dtype)
         return tuple(states)
 
     def features(self, tokens: jax.Array) -> jax.Array:
         """Final-normed hidden states ``(B, T, dim)`` in ``config.dtype`` (logits' input)."""
-        return self.final_norm(self.hidden_states(tokens)[-1]).astype(self.config.dtype)
+        return self.hidden_states(tokens, final_norm=True)[-1]
 
     def logits(self, features: jax.Array) -> jax.Array:
         """float32 logits ``(..., vocab_size)`` of final-normed ``features`` (tied embedding)."""

@@ -324,8 +324,70 @@ class Llama(nnx.Module):
         if not config.tie_embeddings:
             self.head = _linear(config, config.dim, config.vocab_size, rngs)
 
+    def hidden_states(self, tokens: jax.Array, *, final_norm: bool = False
+                      ) -> tuple[jax.Array, ...]:
+        """The residual stream after the embedding and after every block.
+
+        The forward pass itself: :meth:`features` and ``__call__`` run it.
+
+        Args:
+            tokens: integer ``(B, T)`` with ``T <= max_len``.
+            final_norm: apply the final RMSNorm to the last entry (it is then
+                :meth:`features`), as Hugging Face's ``output_hidden_states`` does; LittleBit's
+                QAT (:func:`subspace_jax.littlebit.qat.lm_loss_fn`) matches these.
+
+        Returns:
+            ``depth + 1`` arrays ``(B, T, dim)`` in ``config.dtype``: index 0 is the
+            embedding, index ``i`` the output of block ``i - 1``.
+
+        Examples:
+            >>> model = Llama(LlamaConfig(vocab_size=32, dim=16, depth=2, heads=2),
+            ...               rngs=nnx.Rngs(0))
+            >>> tokens = jnp.ones((2, 5), jnp.int32)
+            >>> states = model.hidden_states(tokens, final_norm=True)
+            >>> len(states), states[-1].shape
+            (3, (2, 5, 16))
+            >>> bool(jnp.array_equal(model.logits(states[-1]), model(tokens)))
+            True
+        """
+        cfg = self.config
+        if tokens.ndim != 2 or tokens.shape[1] > cfg.max_len:
+            raise ValueError(
+                f"Llama: tokens shape {tokens.shape} must be (B, T <= max_len={cfg.max_len})"
+            )
+        positions = jnp.arange(tokens.shape[1])
+        states = [self.embed(tokens)]
+        for block in self.blocks:
+            states.append(block(states[-1], positions))
+        if final_norm:
+            states[-1] = self.final_norm(states[-1]).astype(cfg.dtype)
+        return tuple(states)
+
+    def features(self, tokens: jax.Array) -> jax.Array:
+        """Final-normed hidden states ``(B, T, dim)`` in ``config.dtype`` (the logits' input).
+
+        Examples:
+            >>> model = Llama(LlamaConfig(vocab_size=32, dim=16, depth=1, heads=2),
+            ...               rngs=nnx.Rngs(0))
+            >>> model.features(jnp.ones((1, 3), jnp.int32)).shape
+            (1, 3, 16)
+        """
+        return self.hidden_states(tokens, final_norm=True)[-1]
+
+    def logits(self, features: jax.Array) -> jax.Array:
+        """float32 logits ``(..., vocab_size)`` of final-normed ``features`` (tied or ``head``).
+
+        Examples:
+            >>> model = Llama(LlamaConfig(vocab_size=32, dim=16, depth=1, heads=2),
+            ...               rngs=nnx.Rngs(0))
+            >>> model.logits(jnp.ones((3, 16))).shape
+            (3, 32)
+        """
+        out = self.embed.attend(features) if self.config.tie_embeddings else self.head(features)
+        return out.astype(jnp.float32)
+
     def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """Next-token logits.
+        """Next-token logits, ``logits(features(tokens))``.
 
         Args:
             tokens: integer ``(B, T)`` with ``T <= max_len``.
@@ -336,18 +398,7 @@ class Llama(nnx.Module):
             float32 logits ``(B, T, vocab_size)``; position ``t`` sees tokens ``0..t`` only.
         """
         del deterministic
-        cfg = self.config
-        if tokens.ndim != 2 or tokens.shape[1] > cfg.max_len:
-            raise ValueError(
-                f"Llama: tokens shape {tokens.shape} must be (B, T <= max_len={cfg.max_len})"
-            )
-        positions = jnp.arange(tokens.shape[1])
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, positions)
-        x = self.final_norm(x).astype(cfg.dtype)
-        logits = self.embed.attend(x) if cfg.tie_embeddings else self.head(x)
-        return logits.astype(jnp.float32)
+        return self.logits(self.features(tokens))
 
 
 def lm_loss(model: Llama, tokens: jax.Array) -> jax.Array:
