@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from subspace_jax import forms
 from subspace_jax import rules as rules_lib
 
-__all__ = ["LoRA", "LoRARule", "add_lora"]
+__all__ = ["LoRA", "LoRARule", "add_lora", "recipe"]
 
 
 @jax.tree_util.register_dataclass
@@ -169,3 +169,31 @@ def add_lora(
                          alpha=rule.alpha, in_axes=rule.in_axes)
 
     return rules_lib.apply(tree, rules, wrap, allow_unused=allow_unused)
+
+
+def recipe(rules: LoRARule | Sequence[rules_lib.Rule]) -> Any:
+    """LoRA as a :class:`~subspace_jax.train.Recipe`: adapters on the kernels ``rules``
+    select (:func:`add_lora`, keyed by the recipe's key), and only the adapters train.
+
+    Add the task's own trainable leaves with ``recipe(...).with_train(...)`` (a new head).
+
+    Examples:
+        >>> from subspace_jax import lora
+        >>> r = lora.recipe(lora.LoRARule(pattern="attn/.*/kernel", rank=8))
+        >>> r.name, [x.pattern for x in r.train]
+        ('lora', ['attn/.*/kernel'])
+    """
+    from flax import nnx
+
+    from subspace_jax import nn as sjnn
+    from subspace_jax import train
+
+    chosen = (rules,) if isinstance(rules, rules_lib.Rule) else tuple(rules)
+
+    def convert(model: Any, key: jax.Array) -> Any:
+        graphdef, params, rest = train.split_model(sjnn.copy_model(model))  # shares no array
+        return nnx.merge(graphdef, add_lora(params, chosen, key=key), rest)
+
+    trained = tuple(rules_lib.Rule(pattern=r.pattern) for r in chosen if isinstance(r, LoRARule))
+    return train.Recipe(name="lora", convert=convert, train=trained)
+

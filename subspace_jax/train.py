@@ -21,6 +21,9 @@ function compiles once.
 * :func:`fit`: the loop, with a tqdm bar; metrics are fetched from the device every
   ``log_every`` steps (one host sync per block, not per step) into a :class:`History`.
   :func:`make_eval_step` / :func:`evaluate` for sums of metrics over a split.
+* :class:`Recipe`: what a method brings to training (conversion, optimizer, trainable
+  rules, post-update, loss wrapper); :meth:`Recipe.prepare` applies it to a model and a task
+  loss. Every method exports one.
 * :func:`measure_step`: compiled memory, residuals, FLOPs, trainable parameters and
   optimizer bytes of a step, without running it; :func:`fit_measured` measures, then fits.
   Every method reports these same numbers, so the rows of one table compare like for like.
@@ -37,7 +40,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +55,7 @@ __all__ = [
     "History", "split_model", "trainable_mask", "partition", "combine", "init_optimizer",
     "adamw", "make_train_step", "make_eval_step", "evaluate", "fit", "measure_step",
     "fit_measured", "cross_entropy", "accuracy", "check_positive", "OPTIMIZER_PROMOTION",
+    "Recipe", "Prepared",
 ]
 
 #: The dtype-promotion mode optimizer ``init``/``update`` run under (see the module doc).
@@ -621,3 +625,146 @@ def fit_measured(graphdef: nnx.GraphDef, params: Any, rest: Any, loss_fn: Callab
                                    eval_every=max(num_steps // evals, 1), log_every=log_every)
     measures["train_seconds"] = time.perf_counter() - start
     return params, rest, history, measures
+
+
+class Prepared(NamedTuple):
+    """A model made ready to train by :meth:`Recipe.prepare`.
+
+    Attributes:
+        graphdef: the converted model's graph (evaluation, export, ``nnx.merge``).
+        step_graphdef: what :func:`make_train_step` takes: ``graphdef``, or None when the
+            method's own state trains beside the model (then ``params`` is a dict with the
+            model's parameters under ``"model"``).
+        params: the parameters to train (donated by the step).
+        rest: the model's non-parameter state.
+        loss: the loss for :func:`make_train_step` (the task loss, or the method's wrapper).
+        tx: the optimizer.
+        mask: from :func:`trainable_mask` with the recipe's rules.
+        post_update: the recipe's ``post_update`` (or None).
+    """
+
+    graphdef: nnx.GraphDef
+    step_graphdef: nnx.GraphDef | None
+    params: Any
+    rest: Any
+    loss: Callable
+    tx: optax.GradientTransformation
+    mask: Any
+    post_update: Callable[[Any, Any], tuple[Any, Any]] | None
+
+    def model_params(self, params: Any) -> Any:
+        """The model's part of ``params`` (all of it unless a method state trains beside)."""
+        return params if self.step_graphdef is not None else params["model"]
+
+    def step(self, *, donate: bool = True) -> Callable:
+        """The jitted train step (:func:`make_train_step` of these pieces)."""
+        return make_train_step(self.step_graphdef, self.loss, self.tx, mask=self.mask,
+                               post_update=self.post_update, donate=donate)
+
+    def init_optimizer(self) -> Any:
+        """The optimizer state of the trainable part of ``params``."""
+        return init_optimizer(self.tx, self.params, self.mask)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How one method trains a model: its conversion, optimizer, trainable rules,
+    post-update and loss wrapper, the pieces :func:`make_train_step` takes besides the task.
+
+    Each method exports one (:func:`subspace_jax.wasi.recipe`, :func:`subspace_jax.nested.recipe`,
+    :func:`subspace_jax.littlebit.recipe`, :func:`subspace_jax.lorapre.recipe`,
+    :func:`subspace_jax.lora.recipe`); :meth:`prepare` applies it to a model and a task
+    loss. Full fine-tuning is ``Recipe(name="full")``.
+
+    Attributes:
+        name: the method's label.
+        convert: ``convert(model, key) -> model`` before training (None: unchanged).
+        optimizer: ``optimizer(lr, steps) -> optax transform`` (None: the caller's default,
+            :func:`adamw`); LoRA-Pre's replaces it.
+        wrap_optimizer: ``wrap_optimizer(tx) -> tx`` around whichever optimizer runs (NSN
+            gives its log-variances their own Adam).
+        train: rules of the leaves that train (None: every leaf that may, see
+            :func:`trainable_mask`); :meth:`with_train` adds the task's own (a new head).
+        post_update: ``(params, rest) -> (params, rest)`` inside the step, after the update.
+        objective: for a method whose own state trains beside the model and is returned,
+            not stored on it (NSN's): ``objective(graphdef, params, rest, task_loss, *,
+            steps) -> (train_params, loss)`` wraps the task loss; ``train_params`` holds
+            the model's parameters under ``"model"``.
+        lr: the method's suggested peak learning rate (None: no suggestion).
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from subspace_jax import lora
+        >>> recipe = lora.recipe(lora.LoRARule(pattern=".*kernel", rank=2))
+        >>> loss = lambda m, b, key: ((m(b["x"]) - b["y"]) ** 2).mean()
+        >>> ready = recipe.prepare(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), loss, lr=0.1, steps=5,
+        ...                        key=jax.random.key(0))
+        >>> batch = {"x": jnp.ones((8, 4)), "y": jnp.zeros((8, 3))}
+        >>> params, opt_state, rest, metrics = ready.step()(
+        ...     ready.params, ready.init_optimizer(), ready.rest, batch, jax.random.key(1))
+        >>> type(params["kernel"].get_value()).__name__, bool(metrics["loss"] >= 0)
+        ('LoRA', True)
+    """
+
+    name: str
+    convert: Callable[[Any, jax.Array], Any] | None = None
+    optimizer: Callable[[float, int], optax.GradientTransformation] | None = None
+    wrap_optimizer: Callable[[optax.GradientTransformation],
+                             optax.GradientTransformation] | None = None
+    train: tuple[rules.Rule, ...] | None = None
+    post_update: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    objective: Callable[[Any, Any, Any, Callable], tuple[Any, Callable]] | None = None
+    lr: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.train, rules.Rule):
+            object.__setattr__(self, "train", (self.train,))
+        elif self.train is not None:
+            object.__setattr__(self, "train", tuple(self.train))
+
+    def with_train(self, *extra: rules.Rule) -> Recipe:
+        """The recipe with ``extra`` rules training too (e.g. a task head); unchanged when
+        everything trains already (``train`` None).
+
+        Examples:
+            >>> from subspace_jax import rules
+            >>> r = Recipe(name="x", train=rules.Rule(pattern="a/.*"))
+            >>> [x.pattern for x in r.with_train(rules.Rule(pattern="head/.*")).train]
+            ['a/.*', 'head/.*']
+        """
+        if self.train is None:
+            return self
+        return dataclasses.replace(self, train=(*self.train, *extra))
+
+    def prepare(self, model: nnx.Module, loss_fn: Callable, *, lr: float, steps: int,
+                key: jax.Array,
+                default_optimizer: Callable[[float, int], optax.GradientTransformation] = adamw,
+                ) -> Prepared:
+        """Convert ``model``, split it, wrap ``loss_fn`` and build the optimizer and mask.
+
+        Args:
+            model: the NNX model to train (not modified, and it shares no buffer with the
+                prepared state).
+            loss_fn: the task loss, ``loss_fn(model, batch, key)`` (see
+                :func:`make_train_step`).
+            lr: peak learning rate; ``steps`` the schedule's length.
+            key: the conversion's key (random initialisations, e.g. LoRA's ``a``).
+            default_optimizer: the optimizer when the recipe has none.
+
+        Returns:
+            A :class:`Prepared`; ``.step()`` and ``.init_optimizer()`` start training.
+        """
+        # the step donates its buffers: the input model must keep its own (conversions copy)
+        model = self.convert(model, key) if self.convert is not None else nn.copy_model(model)
+        graphdef, params, rest = split_model(model)
+        loss, step_graphdef = loss_fn, graphdef
+        if self.objective is not None:
+            params, loss = self.objective(graphdef, params, rest, loss_fn, steps=steps)
+            step_graphdef = None
+        tx = (self.optimizer or default_optimizer)(lr, steps)
+        if self.wrap_optimizer is not None:
+            tx = self.wrap_optimizer(tx)
+        mask = trainable_mask(params, train=self.train)
+        return Prepared(graphdef=graphdef, step_graphdef=step_graphdef, params=params,
+                        rest=rest, loss=loss, tx=tx, mask=mask, post_update=self.post_update)

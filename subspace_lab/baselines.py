@@ -21,9 +21,10 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,7 +39,7 @@ from subspace_jax.models import bert
 __all__ = ["FinetuneConfig", "Method", "METHODS", "Run", "text_baselines",
            "finetune_text_classifier", "train_text_classifier", "classifier_loss",
            "classifier_metrics", "adamw_for", "lora_method", "LORA_PATTERN", "subset", "encode",
-           "build_classifier", "classifier_logits", "num_steps"]
+           "build_classifier", "classifier_logits", "num_steps", "HEAD"]
 
 LORA_PATTERN = r"bert/encoder/layers/\d+/(attn/(q|k|v|o)|mlp/(up|down))/kernel"
 _QUICK_FINETUNE = dict(steps=40, batch_size=16, eval_limit=256, evals=2)
@@ -125,45 +126,36 @@ def adamw_for(cfg: FinetuneConfig, lr: float, steps: int) -> optax.GradientTrans
                        weight_decay=cfg.weight_decay)
 
 
+def _full(cfg: FinetuneConfig) -> train.Recipe:
+    return train.Recipe(name=cfg.mode)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Method:
-    """How a fine-tuning run changes and trains the model: the plug-in point for methods.
+    """A method on this task: the library's :class:`~subspace_jax.train.Recipe` for a run's
+    settings, the task loss and the learning rates picked for it.
 
     Attributes:
         name: the label of the run (``FinetuneConfig.mode`` and the result's ``mode``).
-        convert: ``convert(model, cfg, key) -> model`` applied to the pretrained classifier
-            before training (None: unchanged). A subspace method's ``convert`` goes here.
-        optimizer: ``optimizer(cfg, lr, steps) -> optax transform`` (default
-            :func:`adamw_for`); e.g. an optimizer under test such as LoRA-Pre.
-        train: rules of the leaves that train (None: every leaf that may, see
-            :func:`subspace_jax.train.trainable_mask`).
-        post_update: ``(params, rest) -> (params, rest)`` run inside the step after the
-            optimizer (see :func:`subspace_jax.train.make_train_step`).
+        recipe: ``recipe(cfg) -> Recipe`` (default: full fine-tuning); e.g.
+            ``lambda cfg: wasi.recipe(...)``. Its optimizer defaults to :func:`adamw_for`.
         loss: ``loss(model, batch, key) -> loss or (loss, aux)`` (default
             :func:`classifier_loss`).
-        beside: ``beside(graphdef, params, rest, loss) -> (train_params, train_loss)`` for a
-            method whose own state trains beside the model's parameters and is returned,
-            not stored on the model (NSN's objective): ``train_params`` is a dict holding
-            the model's parameters under ``"model"``, and ``train_loss(train_params, batch,
-            key)`` runs through ``train.make_train_step(None, ...)``. The run's ``params``
-            are the ``"model"`` part, its ``beside`` the rest.
         lr: default peak learning rate; ``quick_lr`` the default when ``quick`` (None:
             ``lr``).
 
     Examples:
         >>> import optax
-        >>> sgd = Method(name="sgd", optimizer=lambda cfg, lr, steps: optax.sgd(lr), lr=0.1)
+        >>> from subspace_jax import train
+        >>> sgd = Method(name="sgd", lr=0.1, recipe=lambda cfg: train.Recipe(
+        ...     name="sgd", optimizer=lambda lr, steps: optax.sgd(lr)))
         >>> sgd.learning_rate(FinetuneConfig.make(mode="sgd"))
         0.1
     """
 
     name: str
-    convert: Callable[[nnx.Module, FinetuneConfig, jax.Array], nnx.Module] | None = None
-    optimizer: Callable[[FinetuneConfig, float, int], optax.GradientTransformation] = adamw_for
-    train: rules.Rule | Sequence[rules.Rule] | None = None
-    post_update: Callable[[Any, Any], tuple[Any, Any]] | None = None
+    recipe: Callable[[FinetuneConfig], train.Recipe] = _full
     loss: Callable | None = None
-    beside: Callable[[Any, Any, Any, Callable], tuple[Any, Callable]] | None = None
     lr: float = 5e-5
     quick_lr: float | None = None
 
@@ -173,22 +165,27 @@ class Method:
             return cfg.lr
         return self.quick_lr if cfg.quick and self.quick_lr is not None else self.lr
 
+    def prepare(self, model: nnx.Module, cfg: FinetuneConfig, steps: int) -> train.Prepared:
+        """The recipe applied to ``model`` with this task's loss, learning rate, AdamW
+        (:func:`adamw_for`) and ``cfg.seed`` as the conversion key."""
+        return self.recipe(cfg).prepare(
+            model, self.loss or classifier_loss, lr=self.learning_rate(cfg), steps=steps,
+            key=jax.random.key(cfg.seed), default_optimizer=functools.partial(adamw_for, cfg))
+
+
+HEAD = rules.Rule(pattern=r"head/.*")
+
 
 def lora_method(rank: int = 8, alpha: float = 16.0, pattern: str = LORA_PATTERN) -> Method:
     """The LoRA baseline: rank-``rank`` adapters on ``pattern``; adapters and head train.
 
     Examples:
-        >>> lora_method(rank=4).train[1].pattern
+        >>> cfg = FinetuneConfig.make(mode="lora")
+        >>> [r.pattern for r in lora_method(rank=4).recipe(cfg).train][1]
         'head/.*'
     """
-
-    def convert(model: nnx.Module, cfg: FinetuneConfig, key: jax.Array) -> nnx.Module:
-        graphdef, params, rest = train.split_model(model)
-        rule = lora.LoRARule(pattern=pattern, rank=rank, alpha=alpha)
-        return nnx.merge(graphdef, lora.add_lora(params, rule, key=key), rest)
-
-    return Method(name="lora", convert=convert, lr=2e-3,
-                  train=(rules.Rule(pattern=pattern), rules.Rule(pattern=r"head/.*")))
+    rule = lora.LoRARule(pattern=pattern, rank=rank, alpha=alpha)
+    return Method(name="lora", lr=2e-3, recipe=lambda cfg: lora.recipe(rule).with_train(HEAD))
 
 
 #: The built-in methods by name (``FinetuneConfig.mode``); LoRA's rank and alpha come
@@ -209,7 +206,7 @@ class Run:
         params: trained parameters.
         rest: non-parameter state.
         initial_params: host copy of the parameters before training (if kept).
-        beside: the method state trained beside the parameters (see :class:`Method`).
+        beside: the method state trained beside the parameters (NSN's objective: ``Recipe.objective``).
     """
 
     result: dict[str, Any]
@@ -399,18 +396,9 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
     evals = {name: encode(*subset(getattr(topics, name), cfg.eval_limit, cfg.seed),
                            cfg.max_length) for name in ("val", "test")}
     steps = num_steps(cfg, len(labels))
-    model = build_classifier(cfg, topics.num_classes)
-    if method.convert is not None:
-        model = method.convert(model, cfg, jax.random.key(cfg.seed))
-    graphdef, params, rest = train.split_model(model)
-    loss, train_graphdef = method.loss or classifier_loss, graphdef
-    initial = jax.tree.map(np.array, params) if keep_initial else None
-    if method.beside is not None:  # method state trained beside the model's parameters
-        params, loss = method.beside(graphdef, params, rest, loss)
-        train_graphdef = None
-    model_part = (lambda p: p["model"]) if method.beside is not None else (lambda p: p)
-    tx = method.optimizer(cfg, lr, steps)
-    mask = train.trainable_mask(params, train=method.train)
+    ready = method.prepare(build_classifier(cfg, topics.num_classes), cfg, steps)
+    graphdef, params, rest, model_part = ready.graphdef, ready.params, ready.rest, ready.model_params
+    initial = jax.tree.map(np.array, model_part(params)) if keep_initial else None
     eval_step = train.make_eval_step(graphdef, classifier_metrics)
 
     def evaluate(p, r, split: str) -> dict[str, float]:
@@ -423,8 +411,8 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
     epochs = math.ceil(steps / (len(labels) // cfg.batch_size))
     batches = data.batches(train_arrays, cfg.batch_size, seed=cfg.seed, epochs=epochs)
     params, rest, history, measures = train.fit_measured(
-        train_graphdef, params, rest, loss, tx, batches, num_steps=steps,
-        key=jax.random.key(cfg.seed), mask=mask, post_update=method.post_update,
+        ready.step_graphdef, params, rest, ready.loss, ready.tx, batches, num_steps=steps,
+        key=jax.random.key(cfg.seed), mask=ready.mask, post_update=ready.post_update,
         evals=cfg.evals, eval_fn=lambda p, r: evaluate(p, r, "val"), progress=progress,
         desc=f"MiniLM {method.name}")
     result = {"task": "pydoc_topics", "model": "all-MiniLM-L6-v2", "mode": method.name,
@@ -439,7 +427,8 @@ def train_text_classifier(cfg: FinetuneConfig, *, method: Method | None = None,
               "median_step_seconds": history.median_step_time(),
               "first_step_seconds": history.step_times[0], "history": history.as_dict(),
               "total_seconds": time.perf_counter() - start}
-    beside = None if method.beside is None else {k: v for k, v in params.items() if k != "model"}
+    beside = (None if ready.step_graphdef is not None
+              else {k: v for k, v in params.items() if k != "model"})
     return Run(result=result, graphdef=graphdef, params=model_part(params), rest=rest,
                initial_params=initial, beside=beside)
 

@@ -32,15 +32,14 @@ __all__ = ["nested_method", "specialist_method", "eval_arrays", "sweep", "latenc
            "nesting_angles", "energies", "demo_rows", "recorded_rows", "bench_rows"]
 
 
-def nested_method(steps: int, *, grid: Sequence[int] | None = None, curriculum: float = 0.3,
+def nested_method(*, grid: Sequence[int] | None = None, curriculum: float = 0.3,
                   log_var_lr: float = 1e-2, max_rank: int | None = None, lr: float = 2e-4,
                   quick_lr: float | None = None, name: str = "nested") -> baselines.Method:
     """NSN fine-tuning as a :class:`~subspace_lab.baselines.Method` (everything trains).
 
     Args:
-        steps: training steps (sets the curriculum length ``curriculum * steps``).
         grid: training ranks (default :func:`~subspace_jax.nested.core.rank_grid`).
-        curriculum: share of the steps over which the variant window widens.
+        curriculum: share of the run's steps over which the variant window widens.
         log_var_lr: Adam learning rate of the log-variances.
         max_rank: ``R`` (None: ``min(in, out)``, reproducing the pretrained model).
         lr: default peak learning rate (2e-4: 240 steps of 16 texts at 1e-4 left the low
@@ -48,25 +47,15 @@ def nested_method(steps: int, *, grid: Sequence[int] | None = None, curriculum: 
         name: the run's label.
 
     Examples:
-        >>> nested_method(100).name
+        >>> nested_method().name
         'nested'
     """
 
-    def convert(model: nnx.Module, cfg: baselines.FinetuneConfig, key: jax.Array) -> nnx.Module:
-        del cfg, key
-        return layer.convert(model, layer.NestedRule(max_rank=max_rank))
+    def recipe(cfg: baselines.FinetuneConfig):
+        return training.recipe(layer.NestedRule(max_rank=max_rank), grid=grid,
+                               curriculum=curriculum, log_var_lr=log_var_lr)
 
-    def beside(graphdef, params, rest, task_loss):
-        state = training.objective(params, grid, curriculum_steps=int(curriculum * steps))
-        return ({training.MODEL: params, training.OBJECTIVE: state},
-                training.loss(task_loss, graphdef=graphdef, rest=rest))
-
-    def optimizer(cfg, lr_, steps_):
-        return training.optimizer(baselines.adamw_for(cfg, lr_, steps_), log_var_lr=log_var_lr)
-
-    return baselines.Method(name=name, convert=convert, optimizer=optimizer, lr=lr,
-                            quick_lr=quick_lr, loss=baselines.classifier_loss, beside=beside,
-                            post_update=training.advance)
+    return baselines.Method(name=name, recipe=recipe, lr=lr, quick_lr=quick_lr)
 
 
 def specialist_method(rank: int, *, lr: float = 2e-4, quick_lr: float | None = None,
@@ -78,12 +67,13 @@ def specialist_method(rank: int, *, lr: float = 2e-4, quick_lr: float | None = N
         'specialist_r64'
     """
 
-    def convert(model: nnx.Module, cfg: baselines.FinetuneConfig, key: jax.Array) -> nnx.Module:
-        del cfg, key
+    def convert(model: nnx.Module, key: jax.Array) -> nnx.Module:
+        del key
         return layer.convert(model, layer.NestedRule(max_rank=rank))
 
-    return baselines.Method(name=f"specialist_r{rank}", convert=convert, lr=lr,
-                            quick_lr=quick_lr)
+    name = f"specialist_r{rank}"
+    return baselines.Method(name=name, lr=lr, quick_lr=quick_lr,
+                            recipe=lambda cfg: train.Recipe(name=name, convert=convert))
 
 
 def eval_arrays(cfg: baselines.FinetuneConfig) -> dict[str, dict[str, np.ndarray]]:
@@ -233,7 +223,7 @@ def demo_rows(budget: Any, progress: bool) -> list[dict[str, Any]]:
     """
     settings = budget.finetune(mode="nested")
     steps = max(1, settings.pop("steps", 40) // 2)
-    method = nested_method(steps)
+    method = nested_method()
     cfg = baselines.FinetuneConfig.make(**{**settings, "steps": steps})
     run = baselines.train_text_classifier(cfg, method=method, progress=progress)
     model = nnx.merge(run.graphdef, run.params, run.rest)

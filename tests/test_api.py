@@ -9,11 +9,18 @@ import pkgutil
 import pytest
 
 import subspace_jax
+import subspace_lab
 
 MODULES = sorted(
     m.name
     for m in pkgutil.walk_packages(subspace_jax.__path__, prefix="subspace_jax.")
-    if not m.name.rsplit(".", 1)[-1].startswith("_") or m.name.endswith("__main__")
+    if not m.name.rsplit(".", 1)[-1].startswith("_")
+)
+# The lab's modules (experiments included): their examples run too.
+LAB_MODULES = sorted(
+    m.name
+    for m in pkgutil.walk_packages(subspace_lab.__path__, prefix="subspace_lab.")
+    if not m.name.rsplit(".", 1)[-1].startswith("_")
 )
 
 
@@ -60,7 +67,7 @@ def test_top_level_exports_are_explicit():
         assert hasattr(subspace_jax, name), name
 
 
-@pytest.mark.parametrize("module_name", ["subspace_jax"] + MODULES)
+@pytest.mark.parametrize("module_name", ["subspace_jax"] + MODULES + LAB_MODULES)
 def test_doctests_pass(module_name):
     module = importlib.import_module(module_name)
     result = doctest.testmod(

@@ -48,10 +48,11 @@ from subspace_jax.littlebit.transform import compress as compress
 from subspace_jax.littlebit.transform import compress_model as compress_model
 from subspace_jax.littlebit.transform import convert as convert
 from subspace_jax.littlebit.transform import deploy as deploy
+from subspace_jax.littlebit.transform import recipe as recipe
 from subspace_jax.littlebit.transform import transform as transform
 
 __all__ = [
     "Accounting", "BinaryLowRank", "LayerBits", "LeafBits", "LittleBitRule",
     "PackedBinaryLowRank", "accounting", "compress", "compress_model", "convert", "core",
-    "deploy", "distill_loss", "qat", "transform",
+    "deploy", "distill_loss", "qat", "recipe", "transform",
 ]

@@ -43,7 +43,7 @@ from subspace_jax.littlebit import core
 from subspace_jax.littlebit.form import _SIGNS, BinaryLowRank, PackedBinaryLowRank
 
 __all__ = ["LittleBitRule", "transform", "convert", "deploy", "accounting", "compress",
-           "compress_model", "Accounting", "LayerBits", "LeafBits"]
+           "compress_model", "Accounting", "LayerBits", "LeafBits", "recipe"]
 
 _FORMS = (BinaryLowRank, PackedBinaryLowRank)
 
@@ -551,3 +551,29 @@ def compress_model(
     if deployed:
         state = deploy(state)
     return nnx.merge(graphdef, state)
+
+
+def recipe(rules: LittleBitRule | Sequence[rules_lib.Rule], *, train_also: Sequence[rules_lib.Rule] = (),
+           ) -> Any:
+    """LittleBit-2 QAT as a :class:`~subspace_jax.train.Recipe`: the selected kernels
+    become binary low-rank forms (:func:`convert`, Joint-ITQ initialised with the recipe's
+    key) whose latent factors and scales train through the sign's straight-through
+    estimator; ``train_also`` rules train too (e.g. biases and norms), the rest is frozen.
+
+    Examples:
+        >>> from subspace_jax import littlebit
+        >>> r = littlebit.recipe(littlebit.LittleBitRule(pattern="mlp/.*/kernel", bpw=1.0))
+        >>> r.name, [x.pattern for x in r.train]
+        ('littlebit', ['mlp/.*/kernel'])
+    """
+    from subspace_jax import train
+
+    chosen = _rules(rules)
+
+    def convert_model(model: nnx.Module, key: jax.Array) -> nnx.Module:
+        return convert(model, chosen, key=key)
+
+    trained = tuple(rules_lib.Rule(pattern=r.pattern) for r in chosen
+                    if isinstance(r, LittleBitRule))
+    return train.Recipe(name="littlebit", convert=convert_model,
+                        train=(*trained, *train_also))

@@ -28,6 +28,7 @@ from subspace_jax.lorapre.alias import kernel_dimension_numbers as kernel_dimens
 from subspace_jax.lorapre.alias import labels as labels
 from subspace_jax.lorapre.alias import lorapre as lorapre
 from subspace_jax.lorapre.alias import lorapre_muon as lorapre_muon
+from subspace_jax.lorapre.alias import recipe as recipe
 from subspace_jax.lorapre.core import Factors as Factors
 from subspace_jax.lorapre.transform import DimensionNumbers as DimensionNumbers
 from subspace_jax.lorapre.transform import LoRAPreMuonState as LoRAPreMuonState
@@ -44,6 +45,7 @@ __all__ = (
     "core",
     "kernel_dimension_numbers",
     "labels",
+    "recipe",
     "lorapre",
     "lorapre_muon",
     "scale_by_lorapre",

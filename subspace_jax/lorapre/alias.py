@@ -24,7 +24,7 @@ import optax
 from subspace_jax import rules
 from subspace_jax.lorapre import _tree, transform
 
-__all__ = ["lorapre", "lorapre_muon", "labels"]
+__all__ = ["lorapre", "lorapre_muon", "labels", "recipe"]
 
 _LOW, _ADAM = "lorapre", "adamw"
 
@@ -278,3 +278,33 @@ def kernel_dimension_numbers(axes: Mapping[str, tuple[int, ...]] | None = None) 
         return rules.map_with_path(one, params)
 
     return dims
+
+
+def recipe(rank: int = 8, *, b2: float = 0.999, weight_decay: float = 0.01,
+           warmup_fraction: float = 0.0, clip: float | None = 1.0, key: Any = 0,
+           lr: float | None = None) -> Any:
+    """LoRA-Pre as a :class:`~subspace_jax.train.Recipe`: the model is unchanged and trains
+    fully; the optimizer is :func:`lorapre` (rank-``rank`` Adam moments updated in closed
+    form each step) under the same schedule as :func:`subspace_jax.train.adamw` (linear
+    warm-up over ``warmup_fraction`` of the steps, cosine decay to ``lr / 10``), global-norm
+    clipping at ``clip`` and decoupled weight decay on leaves of two or more dimensions.
+
+    Examples:
+        >>> from subspace_jax import lorapre
+        >>> r = lorapre.recipe(rank=4)
+        >>> r.name, r.convert, r.train
+        ('lorapre', None, None)
+        >>> tx = r.optimizer(1e-3, 100)  # (peak lr, steps) -> the optax transform
+    """
+    from subspace_jax import train
+
+    def optimizer(peak: float, steps: int) -> optax.GradientTransformation:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, peak, int(warmup_fraction * steps), steps, end_value=peak / 10)
+        decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+        tx = lorapre(schedule, rank=rank, b2=b2, weight_decay=weight_decay,
+                     weight_decay_mask=decay, key=key)
+        return tx if clip is None else optax.chain(optax.clip_by_global_norm(clip), tx)
+
+    return train.Recipe(name="lorapre", optimizer=optimizer, lr=lr)
+

@@ -353,7 +353,17 @@ def from_pretrained(gguf_path: str | Path | None = None, *, dtype: Any = jnp.flo
 
 def toy_vocab(vocab_size: int) -> tuple[list[str], list[int]]:
     """Gemma's five control tokens, a few user-defined runs, then single characters and
-    ``▁``-pieces: a vocabulary a tiny model can be written with."""
+    ``▁``-pieces: a vocabulary a tiny model can be written with (tests, ``--tiny`` runs).
+
+    Returns:
+        ``(tokens, token_types)`` of length ``vocab_size`` (types as in GGUF: 3 control,
+        4 user-defined, 1 normal).
+
+    Examples:
+        >>> tokens, types = toy_vocab(300)
+        >>> len(tokens), tokens[:3], types[:3]
+        (300, ['<pad>', '<eos>', '<bos>'], [3, 3, 3])
+    """
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "\n", "  ", "\u2581"]
     types = [3, 3, 3, 3, 3, 4, 4, 1]
     alphabet = "etaoinshrdlcumwfgypbvkjxqz0123456789.,:;()[]=_'\"+-*/#"

@@ -73,10 +73,11 @@ from subspace_jax.nested.training import at_traced_rank as at_traced_rank
 from subspace_jax.nested.training import loss as loss
 from subspace_jax.nested.training import objective as objective
 from subspace_jax.nested.training import optimizer as optimizer
+from subspace_jax.nested.training import recipe as recipe
 
 __all__ = [
     "DENOMINATORS", "LayerCost", "MLP_PATTERN", "MODEL", "Nested", "NestedRule", "OBJECTIVE",
     "Objective", "advance", "at_traced_rank", "convert", "core", "factorize", "flop_fractions",
     "kernels", "layer_costs", "loss", "objective", "optimizer", "other_linear_macs",
-    "rank_for_budget", "ranks", "set_rank", "transform", "truncate",
+    "rank_for_budget", "ranks", "recipe", "set_rank", "transform", "truncate",
 ]

@@ -63,7 +63,7 @@ from subspace_jax.nested import core
 from subspace_jax.nested.layer import _map_forms, kernels
 
 __all__ = ["OBJECTIVE", "MODEL", "Objective", "objective", "loss", "advance", "optimizer",
-           "at_traced_rank"]
+           "at_traced_rank", "recipe"]
 
 #: The key of the :class:`Objective` in the training dict ``{MODEL: params, OBJECTIVE: obj}``.
 OBJECTIVE = "nsn"
@@ -325,3 +325,43 @@ def optimizer(tx: optax.GradientTransformation, *, log_var_lr: float = 1e-2,
             params)
 
     return optax.partition({"model": tx, "log_var": optax.adam(log_var_lr)}, labels)
+
+
+def recipe(rules: rules_lib.Rule | Sequence[rules_lib.Rule] | None = None, *,
+           grid: Sequence[int] | None = None, curriculum: float = 0.0,
+           log_var_lr: float = 1e-2, lr: float | None = None) -> Any:
+    """NSN as a :class:`~subspace_jax.train.Recipe`: :func:`subspace_jax.nested.convert`
+    (SVD-initialised nested factors at full rank), the two-rank uncertainty-weighted
+    :func:`loss` with its :class:`Objective` trained beside the model, :func:`optimizer`
+    (the caller's optimizer for the model, Adam at ``log_var_lr`` for the log-variances)
+    and :func:`advance` after every step.
+
+    Args:
+        rules: :class:`~subspace_jax.nested.NestedRule` objects (None: the MLP Linears).
+        grid: the training ranks (None: :func:`~subspace_jax.nested.core.rank_grid`).
+        curriculum: share of the ``steps`` (given to :meth:`~subspace_jax.train.Recipe.prepare`)
+            over which the variant window widens.
+        log_var_lr: Adam learning rate of the log-variances.
+        lr: the method's suggested peak learning rate.
+
+    Examples:
+        >>> from subspace_jax import nested
+        >>> r = nested.recipe(curriculum=0.3)
+        >>> r.name, r.post_update is nested.advance, r.objective is not None
+        ('nested', True, True)
+    """
+    from subspace_jax import train
+    from subspace_jax.nested import layer
+
+    def convert_model(model: nnx.Module, key: jax.Array) -> nnx.Module:
+        del key  # deterministic: SVDs of the pretrained kernels
+        return layer.convert(model, rules)
+
+    def beside(graphdef, params, rest, task_loss, *, steps: int):
+        state = objective(params, grid, curriculum_steps=int(curriculum * steps))
+        return ({MODEL: params, OBJECTIVE: state},
+                loss(task_loss, graphdef=graphdef, rest=rest))
+
+    return train.Recipe(name="nested", convert=convert_model, objective=beside,
+                        wrap_optimizer=lambda tx: optimizer(tx, log_var_lr=log_var_lr),
+                        post_update=advance, lr=lr)

@@ -38,7 +38,7 @@ from subspace_jax.wasi import core as core
 from subspace_jax.wasi import tucker as tucker
 from subspace_jax.wasi.calibration import EPS_GRID, RankOption, knapsack, rank_options
 from subspace_jax.wasi.convert import (ATTENTION_PATTERN, MLP_PATTERN, WasiRule, convert,
-                                       transform)
+                                       recipe, transform)
 from subspace_jax.wasi.core import tucker_weight_grad, wasi_matmul
 from subspace_jax.wasi.form import VARIANTS, WasiKernel, WasiMasterKernel
 from subspace_jax.wasi.tree import (LayerPlan, export, factorize, orthonormalize, plans,
@@ -47,4 +47,4 @@ from subspace_jax.wasi.tree import (LayerPlan, export, factorize, orthonormalize
 __all__ = ["calibration", "core", "tucker", "EPS_GRID", "RankOption", "knapsack", "rank_options",
            "tucker_weight_grad", "wasi_matmul", "ATTENTION_PATTERN", "MLP_PATTERN", "VARIANTS",
            "WasiRule", "WasiKernel", "WasiMasterKernel", "LayerPlan", "transform", "convert",
-           "post_update", "export", "plans", "summary", "orthonormalize", "factorize"]
+           "post_update", "export", "plans", "summary", "orthonormalize", "factorize", "recipe"]

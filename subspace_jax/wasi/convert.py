@@ -31,7 +31,7 @@ from subspace_jax.wasi import core as core_lib
 from subspace_jax.wasi.form import VARIANTS, WasiKernel, WasiMasterKernel
 from subspace_jax.wasi.tree import LayerPlan, check_energy, factor_kernel, summary
 
-__all__ = ["MLP_PATTERN", "ATTENTION_PATTERN", "WasiRule", "transform", "convert"]
+__all__ = ["MLP_PATTERN", "ATTENTION_PATTERN", "WasiRule", "transform", "convert", "recipe"]
 
 #: The paper's default selection, the MLP kernels: :data:`subspace_jax.rules.MLP_PATTERN`.
 MLP_PATTERN = rules_lib.MLP_PATTERN
@@ -406,3 +406,37 @@ def convert(model: nnx.Module, rules: WasiRule | Sequence[rules_lib.Rule] | None
                            order=order, return_plans=True, verbose=verbose)
     new = nnx.merge(graphdef, out)
     return (new, plans) if return_plans else new
+
+
+def recipe(rules: WasiRule | Sequence[rules_lib.Rule] | None = None, *,
+           sample: Callable[[nnx.Module], Any],
+           budget_bytes: int | Callable[[nnx.Module], int] | None = None,
+           variant: str = "factored", lr: float | None = None) -> Any:
+    """WASI as a :class:`~subspace_jax.train.Recipe`: :func:`convert` (kernels factored and
+    activation bases calibrated on ``sample(model)``), every leaf trains as in full
+    fine-tuning (as in the paper), and :func:`subspace_jax.wasi.post_update` keeps the
+    factored basis orthonormal (or re-derives the factors from the master) after each step.
+
+    Args:
+        rules, sample, variant: as in :func:`convert`.
+        budget_bytes: as in :func:`convert`, or a function of the model to convert (a
+            share of its layers' full inputs).
+        lr: the method's suggested peak learning rate (picked on validation for a task).
+
+    Examples:
+        >>> from subspace_jax import wasi
+        >>> r = wasi.recipe(wasi.WasiRule(pattern="mlp/.*/kernel"), sample=lambda m: 0.0)
+        >>> r.name, r.train, r.post_update is wasi.post_update
+        ('wasi', None, True)
+    """
+    from subspace_jax import train
+    from subspace_jax.wasi.tree import post_update
+
+    def convert_model(model: nnx.Module, key: jax.Array) -> nnx.Module:
+        del key  # deterministic: SVDs and HOSVDs of the pretrained kernels and activations
+        budget = budget_bytes(model) if callable(budget_bytes) else budget_bytes
+        return convert(model, rules, sample=sample, budget_bytes=budget, variant=variant,
+                       verbose=False)
+
+    return train.Recipe(name="wasi" if variant == "factored" else f"wasi_{variant}",
+                        convert=convert_model, post_update=post_update, lr=lr)

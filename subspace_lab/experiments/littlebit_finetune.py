@@ -32,16 +32,10 @@ RECORDED_NAME = "minilm_finetune_littlebit.json"
 
 def method(bpw: float = BPW) -> baselines.Method:
     """LittleBit-2 at ``bpw`` on MiniLM's encoder kernels; embeddings frozen."""
-    kernels = rules.Rule(pattern=baselines.LORA_PATTERN)
-
-    def convert(model, cfg, key):
-        rule = littlebit.LittleBitRule(pattern=baselines.LORA_PATTERN, bpw=bpw)
-        return littlebit.convert(model, rule, key=key)
-
-    trained = (kernels, rules.Rule(pattern=r"bert/encoder/.*(bias|scale)"),
-               rules.Rule(pattern=r"head/.*"))
-    return baselines.Method(name="littlebit", convert=convert, train=trained, lr=1e-4,
-                            quick_lr=2e-4)
+    rule = littlebit.LittleBitRule(pattern=baselines.LORA_PATTERN, bpw=bpw)
+    also = (rules.Rule(pattern=r"bert/encoder/.*(bias|scale)"), baselines.HEAD)
+    return baselines.Method(name="littlebit", lr=1e-4, quick_lr=2e-4,
+                            recipe=lambda cfg: littlebit.recipe(rule, train_also=also))
 
 
 def demo_rows(budget: rows.Budget, progress: bool) -> list[dict]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import sys
 
-import jax
-import optax
 
 from subspace_jax import lorapre
 from subspace_lab import baselines, rows, runner
@@ -32,15 +30,11 @@ RECORDED_NAME = "minilm_finetune_lorapre.json"
 def method(rank: int = RANK) -> baselines.Method:
     """LoRA-Pre rank ``rank`` on MiniLM with the AdamW baseline's schedule and clipping."""
 
-    def optimizer(cfg: baselines.FinetuneConfig, lr: float, steps: int):
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, int(cfg.warmup_fraction * steps), steps, end_value=lr / 10)
-        decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-        return optax.chain(optax.clip_by_global_norm(1.0), lorapre.lorapre(
-            schedule, rank=rank, b2=0.999, weight_decay=cfg.weight_decay,
-            weight_decay_mask=decay, key=cfg.seed))
+    def recipe(cfg: baselines.FinetuneConfig):
+        return lorapre.recipe(rank, b2=0.999, weight_decay=cfg.weight_decay,
+                              warmup_fraction=cfg.warmup_fraction, clip=1.0, key=cfg.seed)
 
-    return baselines.Method(name="lorapre", optimizer=optimizer, lr=5e-5, quick_lr=2e-4)
+    return baselines.Method(name="lorapre", recipe=recipe, lr=5e-5, quick_lr=2e-4)
 
 
 def demo_rows(budget: rows.Budget, progress: bool) -> list[dict]:

@@ -240,13 +240,17 @@ def main(argv=None) -> int:
     if warm_steps >= steps:
         raise ValueError(f"--warm-start {args.warm_start}: {warm_steps} of the {steps} steps "
                          f"fine-tune the dense model, which leaves NSN none")
-    method = nested_eval.nested_method(steps - warm_steps, grid=grid, curriculum=args.curriculum,
-                                 log_var_lr=args.log_var_lr)
+    method = nested_eval.nested_method(grid=grid, curriculum=args.curriculum,
+                                       log_var_lr=args.log_var_lr)
     if warm_steps:  # dense fine-tuning first, then NSN from that model: same total steps
         _, warm = _train(args, None, "full", progress, steps=warm_steps)
-        warm_model, convert = nnx.merge(warm.graphdef, warm.params, warm.rest), method.convert
-        method = dataclasses.replace(
-            method, convert=lambda model, cfg, key: convert(nnx.clone(warm_model), cfg, key))
+        warm_model, recipe = nnx.merge(warm.graphdef, warm.params, warm.rest), method.recipe
+
+        def warm_recipe(cfg):  # NSN converts the warm model instead of the pretrained one
+            r = recipe(cfg)
+            return dataclasses.replace(r, convert=lambda model, key: r.convert(warm_model, key))
+
+        method = dataclasses.replace(method, recipe=warm_recipe)
     overrides = {"steps": steps - warm_steps} if warm_steps else {}
     if args.nested_lr is not None:
         overrides["lr"] = args.nested_lr

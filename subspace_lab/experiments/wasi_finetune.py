@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -43,6 +44,7 @@ import optax
 from flax import nnx
 
 from subspace_jax import data, forms, measure, rules, train, wasi
+from subspace_jax import nn as sjnn
 from subspace_lab import analysis, baselines, records, rows, runner
 from subspace_jax.models import bert, vit
 
@@ -80,30 +82,30 @@ def wasi_method(*, energy: float = 0.9, activation_eps: float | None = 0.9,
     under a budget of ``budget_fraction`` of the converted layers' full float32 inputs
     (0.05: at least 20x smaller)."""
     patterns = [MLP_RULE] + ([ATTN_RULE] if attention else [])
+    rules_ = [wasi.WasiRule(pattern=p, energy=energy, activation_eps=activation_eps)
+              for p in patterns]
 
-    def convert(model, cfg, key):
+    def recipe(cfg):
         batch = _calibration_batch(cfg)
         b, t = batch["input_ids"].shape
-        budget = None
-        if activation_eps is None:
+
+        def budget(model):  # a share of the converted layers' full float32 inputs
             full = 0
             for layer in model.bert.encoder.layers:
                 linears = [layer.mlp.up, layer.mlp.down]
                 if attention:
                     linears += [getattr(layer.attn, n) for n in "qkvo"]
                 full += sum(4 * b * t * lin.in_features for lin in linears)
-            budget = int(budget_fraction * full)
+            return int(budget_fraction * full)
 
         def sample(m):
             return train.cross_entropy(baselines.classifier_logits(m, batch), batch["labels"])
 
-        rules_ = [wasi.WasiRule(pattern=p, energy=energy, activation_eps=activation_eps)
-                  for p in patterns]
-        return wasi.convert(model, rules_, sample=sample, budget_bytes=budget, variant=variant)
+        return wasi.recipe(rules_, sample=sample, variant=variant,
+                           budget_bytes=budget if activation_eps is None else None)
 
     label = name or (f"wasi_e{activation_eps:g}" if activation_eps is not None else "wasi_knap")
-    return baselines.Method(name=label, convert=convert, post_update=wasi.post_update,
-                            lr=lr, quick_lr=quick_lr)
+    return baselines.Method(name=label, recipe=recipe, lr=lr, quick_lr=quick_lr)
 
 
 class RematLayer(bert.Layer):
@@ -141,16 +143,22 @@ def remat_method(base: baselines.Method | None = None, *, nonlinear: bool = Fals
     (``nonlinear``: only the non-linear parts are recomputed)."""
     base = base or baselines.Method(name="full", lr=5e-5, quick_lr=2e-4)
     cls = RematNonLinear if nonlinear else RematLayer
-
-    def convert(model, cfg, key):
-        model = base.convert(model, cfg, key) if base.convert else nnx.clone(model)
-        for layer in model.bert.encoder.layers:
-            layer.__class__ = cls
-        return model
-
     prefix = "" if base.name == "full" else base.name + "_"
     name = prefix + ("remat_nonlinear" if nonlinear else "remat")
-    return dataclasses.replace(base, name=name, convert=convert)
+
+    def recipe(cfg):
+        inner = base.recipe(cfg)
+        convert = inner.convert or (lambda model, key: sjnn.copy_model(model))
+
+        def remat(model, key):
+            model = convert(model, key)
+            for layer in model.bert.encoder.layers:
+                layer.__class__ = cls
+            return model
+
+        return dataclasses.replace(inner, name=name, convert=remat)
+
+    return dataclasses.replace(base, name=name, recipe=recipe)
 
 
 def methods(sweep: list[float], attention: bool, energies: list[float] = (),
@@ -209,14 +217,15 @@ def _freeze_mlp(mask):
         lambda path, v: jax.tree.map(lambda _: False, v) if pattern.matches(path) else v, mask)
 
 
-def residual_report(run: baselines.Run, method: baselines.Method, batch, key) -> dict[str, Any]:
+def residual_report(run: baselines.Run, method: baselines.Method, cfg, batch,
+                    key) -> dict[str, Any]:
     """Residual bytes by kind, and the converted (MLP) layers' activation bytes measured: the
     Tucker residuals for WASI, else the residual bytes that freezing the MLP kernels removes
     (what their weight gradients keep)."""
     b, t = batch["input_ids"].shape
     loss = method.loss or baselines.classifier_loss
     objective = _objective(run.graphdef, loss, key)
-    mask = train.trainable_mask(run.params, train=method.train)
+    mask = train.trainable_mask(run.params, train=method.recipe(cfg).train)
 
     def residuals(m):
         trainable, frozen = train.partition(run.params, m)
@@ -253,11 +262,12 @@ def analytic_mlp_bytes(run: baselines.Run, batch) -> dict[str, int]:
 
 def step_functions(run: baselines.Run, method: baselines.Method, cfg, batch, key):
     """Non-donating train step with its arguments, and the inference forward with its."""
-    lr = method.learning_rate(cfg)
-    tx = method.optimizer(cfg, lr, cfg.steps or 100)
-    mask = train.trainable_mask(run.params, train=method.train)
+    recipe = method.recipe(cfg)
+    optimizer = recipe.optimizer or functools.partial(baselines.adamw_for, cfg)
+    tx = optimizer(method.learning_rate(cfg), cfg.steps or 100)
+    mask = train.trainable_mask(run.params, train=recipe.train)
     step = train.make_train_step(run.graphdef, method.loss or baselines.classifier_loss, tx,
-                                 mask=mask, post_update=method.post_update, donate=False)
+                                 mask=mask, post_update=recipe.post_update, donate=False)
     opt = train.init_optimizer(tx, run.params, mask)
     graphdef = run.graphdef
 
@@ -304,20 +314,15 @@ def measured_run(cfg: baselines.FinetuneConfig, method: baselines.Method, key) -
     """The converted model and its step measured (:func:`subspace_jax.train.measure_step`)
     without training: for runs whose accuracy is that of another run (remat) or recorded."""
     model = baselines.build_classifier(cfg, data.load_pydoc_topics().num_classes)
-    if method.convert is not None:
-        model = method.convert(model, cfg, jax.random.key(cfg.seed))
-    graphdef, params, rest = train.split_model(model)
-    tx = method.optimizer(cfg, method.learning_rate(cfg), cfg.steps or 100)
-    mask = train.trainable_mask(params, train=method.train)
+    ready = method.prepare(model, cfg, cfg.steps or 100)
     # donated like the training loop's step (its compiled memory is comparable); not run
-    step = train.make_train_step(graphdef, method.loss or baselines.classifier_loss, tx,
-                                 mask=mask, post_update=method.post_update, donate=True)
-    measures = train.measure_step(step, method.loss or baselines.classifier_loss, graphdef,
-                                  params, train.init_optimizer(tx, params, mask), rest,
-                                  _calibration_batch(cfg), key, mask=mask)
+    measures = train.measure_step(ready.step(donate=True), ready.loss, ready.step_graphdef,
+                                  ready.params, ready.init_optimizer(), ready.rest,
+                                  _calibration_batch(cfg), key, mask=ready.mask)
     result = {"mode": method.name, "trained": False, "lr": method.learning_rate(cfg),
               "config": dataclasses.asdict(cfg), **measures}
-    return baselines.Run(result=result, graphdef=graphdef, params=params, rest=rest)
+    return baselines.Run(result=result, graphdef=ready.graphdef, params=ready.params,
+                         rest=ready.rest)
 
 
 def _accuracy_from(result: dict[str, Any], source: dict[str, Any], label: str) -> None:
@@ -368,7 +373,7 @@ def run_all(args) -> dict[str, Any]:
             base = "full" if base in ("remat", "remat_nonlinear") else base
             if base in runs:
                 _accuracy_from(result, runs[base], f"{base} (same function, rematerialised)")
-        result.update(residual_report(run, method, batch, key))
+        result.update(residual_report(run, method, cfg, batch, key))
         result.update(analytic_mlp_bytes(run, batch))
         (step, step_args), (infer, infer_args) = step_functions(run, method, cfg, batch, key)
         result["flops_inference_matmul"] = measure.flops(infer, *infer_args).matmul
