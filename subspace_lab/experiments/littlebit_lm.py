@@ -135,7 +135,9 @@ def run(*, checkpoint_dir: pathlib.Path, quick: bool = False, bpws=BPWS, steps: 
             student, qat.lm_loss_fn(qgraph),
             train.adamw(lr, steps, warmup=steps // 20, weight_decay=0.0))
         before = perplexity(graphdef, params, rest, windows, batch_size)
-        batches = ({"tokens": b} for b in data.lm_batches(
+        # the LM windows carry seq_len + 1 tokens (inputs and targets); distillation needs
+        # no targets and the decoder takes at most max_len = seq_len positions
+        batches = ({"tokens": b[:, :seq_len]} for b in data.lm_batches(
             corpus.train, batch_size=batch_size, seq_len=seq_len, seed=seed,
             epochs=math.ceil(steps / per_epoch)))
         params, opt_state, rest, history = train.fit(
