@@ -12,6 +12,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
+from compile_count import Compiles  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -48,3 +49,10 @@ def counting():
         return wrapped, traces
 
     return wrap
+
+
+@pytest.fixture
+def compiles():
+    """A fresh :class:`compile_count.Compiles`: ``with compiles: ...`` counts the XLA
+    compiles inside (``compiles.count``), retraced or not (public ``jax.monitoring`` events)."""
+    return Compiles()

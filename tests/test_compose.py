@@ -27,6 +27,7 @@ import subspace_jax as sj
 from subspace_jax import checkpoint, littlebit, lorapre, nested, rules, train, wasi
 from subspace_jax.littlebit import qat
 from subspace_jax.models import llama
+from compile_count import Compiles
 
 STEPS = 3
 # QAT moves signs, so its loss jumps from step to step: give it enough steps to show a trend
@@ -45,10 +46,20 @@ def _tokens(seed: int) -> jax.Array:
     return jax.random.randint(jax.random.key(seed), (4, 16), 0, 64)
 
 
+_COMPILES: dict = {}  # jitted function -> Compiles of its calls made through _call
+
+
+def _call(jitted, *args):
+    """``jitted(*args)``, counting the XLA compiles the call makes."""
+    with _COMPILES.setdefault(jitted, Compiles()):
+        return jitted(*args)
+
+
 def _compiles(jitted) -> int:
-    """Executables in a jitted function's cache: a recompile without a retrace (e.g. for
-    arguments committed to a device) shows here, not in the trace count."""
-    return jitted._cache_size()
+    """XLA compiles of the calls of ``jitted`` made through :func:`_call`: a recompile
+    without a retrace (e.g. for arguments committed to a device) shows here, not in the
+    trace count."""
+    return _COMPILES[jitted].count
 
 
 def _max_diff(a, b) -> float:
@@ -60,7 +71,8 @@ def _run(step, params, opt_state, rest, batches):
     """Steps over ``batches``; returns the final states, the losses and the params after step 1."""
     losses, first = [], None
     for i, batch in enumerate(batches):
-        params, opt_state, rest, metrics = step(params, opt_state, rest, batch, jax.random.key(i))
+        params, opt_state, rest, metrics = _call(step, params, opt_state, rest, batch,
+                                                 jax.random.key(i))
         losses.append(float(metrics["loss"]))
         if first is None:
             first = jax.tree.map(jnp.copy, params)
@@ -168,8 +180,8 @@ def test_wasi_lorapre_checkpoint_reloads_and_resumes(wasi_runs, tmp_path):
     restored = _reload(tmp_path, "opt", run["opt"])
     batch = {"tokens": _tokens(1)}
     copies = lambda *t: jax.device_put(jax.tree.map(jnp.copy, t), device)  # noqa: E731
-    a = step(*copies(run["params"], run["opt"], run["rest"]), batch, jax.random.key(9))
-    b = step(*copies(run["params"], restored, run["rest"]), batch, jax.random.key(9))
+    a = _call(step, *copies(run["params"], run["opt"], run["rest"]), batch, jax.random.key(9))
+    b = _call(step, *copies(run["params"], restored, run["rest"]), batch, jax.random.key(9))
     # bit for bit on CPU; a GPU's scatter-adds (the embedding gradient) use atomics, whose
     # summation order changes from call to call
     tol = 0.0 if jax.default_backend() == "cpu" else 1e-5
@@ -229,7 +241,7 @@ def test_nsn_littlebit_evaluates_in_one_compile_and_reloads_packed(nsn_littlebit
     forward, traces = counting(lambda p, x: nnx.merge(c["plain_graph"], p, c["plain_rest"])(x))
     forward = jax.jit(forward)
     packed = littlebit.deploy(c["compressed"])
-    outs = [forward(packed, _tokens(s)) for s in (4, 5, 6)]
+    outs = [_call(forward, packed, _tokens(s)) for s in (4, 5, 6)]
     assert len(traces) == 1 and _compiles(forward) == 1
     np.testing.assert_allclose(outs[0], forward(c["compressed"], _tokens(4)), atol=2e-2)
     back = _reload(tmp_path, "packed", packed)
