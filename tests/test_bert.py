@@ -175,8 +175,18 @@ def test_classifier_jitted_logits_and_dropout_grad(tiny):
     assert logits.shape == train.shape == (4, 3) and logits.dtype == jnp.float32
     np.testing.assert_array_equal(logits, logits2)  # deterministic=True ignores the key
     assert not np.allclose(logits, train) and not np.allclose(train, train2)  # dropout on
-    norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
-    assert np.isfinite(norms).all() and sum(n > 0 for n in norms) > len(norms) // 2
+    norms = {jax.tree_util.keystr(k): float(jnp.linalg.norm(g))
+             for k, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    top = max(norms.values())
+    # the head reads mean-pooled tokens, never the pooler; softmax ignores a shift of every
+    # score of a query, so the key bias gets no gradient (up to rounding); all else learns
+    pooler = {p for p in norms if "'pooler'" in p}
+    k_bias = {p for p in norms if "['k']['bias']" in p}
+    assert len(pooler) == 2 and len(k_bias) == TINY.num_layers
+    assert all(norms[p] == 0.0 for p in pooler)
+    assert all(norms[p] < 1e-6 * top for p in k_bias), {p: norms[p] for p in k_bias}
+    small = {p: n for p, n in norms.items() if p not in pooler | k_bias and not n > 1e-7 * top}
+    assert not small, small
 
 
 def test_classifier_wraps_pretrained_encoder(minilm):

@@ -299,8 +299,8 @@ def test_unigram_perplexity_baseline(corpus):
     ppl = unigram_perplexity(corpus.train, corpus.val, corpus.vocab_size)
     fit = unigram_perplexity(corpus.train, corpus.train, corpus.vocab_size)
     print(f"unigram perplexity: train {fit:.1f}, val {ppl:.1f}, vocab {corpus.vocab_size}")
-    assert math.isfinite(ppl) and 1.0 < ppl < corpus.vocab_size
-    assert 1.0 < fit < corpus.vocab_size
+    # the counts fit their own text better than held-out text, and both beat the uniform model
+    assert 1.0 < fit < ppl < corpus.vocab_size
     uniform = unigram_perplexity(np.arange(corpus.vocab_size), corpus.val, corpus.vocab_size)
     assert uniform == pytest.approx(corpus.vocab_size)  # flat counts: the uniform model
     p = np.array([3, 2]) / 5  # counts [2, 1] plus one each

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,10 @@ def test_memory_shape_dtype_struct_compiled_and_static_flag():
     assert compiled_memory(f, x, True).argument == x.nbytes
     assert flops(f, x, True).matmul == 2 * 8 ** 3
     assert flops(f, x, False).matmul == 0
-    assert len(saved_residuals(lambda x, s: (f(x, s) ** 2).sum(), x, True)) > 0
+    saved = {s: [(r.shape, r.is_input) for r in saved_residuals(
+        lambda x, s: (f(x, s) ** 2).sum(), x, s).items] for s in (True, False)}
+    # d(x @ x)^2 needs x and the product; d(x^2) needs only the product
+    assert saved == {True: [((8, 8), True), ((8, 8), False)], False: [((8, 8), False)]}
 
 
 def test_memory_rejects_non_callable():
@@ -238,9 +242,20 @@ def test_flops_rejects_compiled():
 
 # ----------------------------------------------------------------------------------- timing
 
+def _sleeping(seconds, fn):
+    """``fn`` after ``seconds`` of sleep: a call that lasts at least that long."""
+    def slow(*args):
+        time.sleep(seconds)
+        return fn(*args)
+    return slow
+
+
 def test_time_fn_shapes_and_validation():
-    t = time_fn(jax.jit(jnp.sin), jnp.ones(16), warmup=1, repeats=4)
-    assert len(t.times) == 4 and all(s > 0 for s in t.times)
+    calls = []
+    fn = _sleeping(0.005, jax.jit(jnp.sin))
+    t = time_fn(lambda x: calls.append(1) or fn(x), jnp.ones(16), warmup=1, repeats=4)
+    print("times", t.times)
+    assert len(calls) == 1 + 4 and len(t.times) == 4 and all(s >= 0.005 for s in t.times)
     assert t.min == min(t.times) and t.median == float(np.median(t.times))
     with pytest.raises(ValueError, match="repeats"):
         time_fn(jnp.sin, jnp.ones(2), repeats=0)
@@ -258,13 +273,15 @@ def test_compare_alternates_and_ratio_is_median_ratio():
         return wrapper
 
     x = jnp.ones(64)
-    fns = {"a": (recorded("a", jax.jit(jnp.sin)), (x,)),
-           "b": (recorded("b", jax.jit(jnp.cos)), (x,)),
-           "c": (recorded("c", jax.jit(jnp.tanh)), (x,))}
+    sleeps = {"a": 0.002, "b": 0.03, "c": 0.002}
+    fns = {"a": (recorded("a", _sleeping(sleeps["a"], jax.jit(jnp.sin))), (x,)),
+           "b": (recorded("b", _sleeping(sleeps["b"], jax.jit(jnp.cos))), (x,)),
+           "c": (recorded("c", _sleeping(sleeps["c"], jax.jit(jnp.tanh))), (x,))}
     c = compare(fns, warmup=1, repeats=3)
     assert calls == ["a", "b", "c"] * 4  # 1 warm-up round + 3 timed rounds, round-robin
     assert list(c.timings) == ["a", "b", "c"]
-    assert all(c.median(n) > 0 and len(c.timings[n].times) == 3 for n in "abc")
+    assert all(c.median(n) >= sleeps[n] and len(c.timings[n].times) == 3 for n in "abc")
+    assert c.ratio("b", "a") > 1  # 30 ms of sleep against 2 ms
     assert c.ratio("a", "b") == c.median("a") / c.median("b")
     print(c.table())
     assert c.table().splitlines()[2].endswith(f"{c.ratio('b', 'a'):.3f}x")
