@@ -243,9 +243,19 @@ def test_chunked_nll_never_holds_full_logits():
 # ---------------------------------------------------------------- cache and generation
 
 
+def _decode_logits(model, tokens, length):
+    """float32 logits of ``tokens`` computed token by token through a ``length``-slot cache."""
+    cache = gemma_generate.init_cache(model.config, tokens.shape[0], length)
+    out = []
+    for i in range(tokens.shape[1]):
+        features, cache = model.decode(tokens[:, i:i + 1], cache, i)
+        out.append(model.logits(features))
+    return jnp.concatenate(out, axis=1)
+
+
 def test_kv_cache_decode_equals_full_forward(tiny):
     full = tiny(TOKENS)
-    stepwise = gemma_generate.decode_logits(tiny, TOKENS, length=16)
+    stepwise = _decode_logits(tiny, TOKENS, length=16)
     np.testing.assert_allclose(stepwise, full, atol=2e-5)
     # Prefill 6 tokens at once, then one at a time.
     cache = gemma_generate.init_cache(TINY, 1, 16)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from subspace_jax.models.gemma import Gemma, GemmaConfig
 
-__all__ = ["init_cache", "generate", "decode_logits"]
+__all__ = ["init_cache", "generate"]
 
 
 def init_cache(config: GemmaConfig, batch: int, length: int, dtype: Any = None) -> tuple:
@@ -43,34 +43,6 @@ def init_cache(config: GemmaConfig, batch: int, length: int, dtype: Any = None) 
     shape = (batch, length, config.kv_heads, config.head_dim)
     dtype = config.dtype if dtype is None else dtype
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.depth))
-
-
-def decode_logits(model: Gemma, tokens: jax.Array, length: int | None = None) -> jax.Array:
-    """float32 logits of ``tokens`` computed token by token through the cache (for tests:
-    they equal ``model(tokens)`` up to rounding).
-
-    Args:
-        model: a :class:`Gemma`.
-        tokens: integer ``(B, T)``.
-        length: cache slots (default ``T``).
-
-    Returns:
-        ``(B, T, vocab_size)``.
-
-    Examples:
-        >>> from subspace_jax.models.gemma import Gemma
-        >>> model = Gemma(GemmaConfig.tiny(), rngs=nnx.Rngs(0))
-        >>> tokens = jnp.array([[2, 7, 9, 4, 5, 6]])
-        >>> bool(jnp.allclose(decode_logits(model, tokens), model(tokens), atol=1e-4))
-        True
-    """
-    b, t = tokens.shape
-    cache = init_cache(model.config, b, t if length is None else length)
-    out = []
-    for i in range(t):
-        features, cache = model.decode(tokens[:, i:i + 1], cache, i)
-        out.append(model.logits(features))
-    return jnp.concatenate(out, axis=1)
 
 
 def _choose(logits, key, temperature, *, sample: bool, top_k: int | None):
