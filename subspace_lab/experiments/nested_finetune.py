@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -192,22 +193,62 @@ def _by_rank(rows):
     return {row["rank"]: row for row in rows}
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the sections of one benchmark run share."""
+
+    args: argparse.Namespace
+    progress: bool
+    reused: dict | None = None
+    cfg: Any = None
+    steps: int = 0
+    dense_model: Any = None
+    svd_model: Any = None
+    arrays: dict = dataclasses.field(default_factory=dict)
+    top: int = 0
+    half: int = 0
+    headline: list = dataclasses.field(default_factory=list)
+    eval_ranks: tuple = ()
+    batch: dict = dataclasses.field(default_factory=dict)
+    model: Any = None
+    spec_models: dict = dataclasses.field(default_factory=dict)
+
+
 def main(argv=None) -> int:
     """Run the benchmark (see the module docstring); returns the exit status."""
     args = parse(argv)
     if not 0 <= args.warm_start < 1:
         raise ValueError(f"--warm-start {args.warm_start}: the share of the steps that "
                          f"fine-tune the dense model before NSN must be in [0, 1)")
-    progress = not args.no_progress
     start = time.perf_counter()
-    eval_ranks = _ints(args.ranks, EVAL_RANKS)
-    specialists = _ints(args.specialists, ())
     argv = sys.argv[1:] if argv is None else list(argv)
     out: dict = {"task": "pydoc_topics", "model": "all-MiniLM-L6-v2",
                  "command": " ".join(["subspace-jax run nested_finetune", *argv])}
+    run = _Run(args=args, progress=not args.no_progress,
+               reused=json.loads(args.reuse.read_text()) if args.reuse else None)
+    _dense_and_svd(run, out)
+    _nsn(run, out)
+    _specialists(run, out)
+    _costs_latency_nesting_energy(run, out)
+    _headline(run, out)
+    out["total_seconds"] = time.perf_counter() - start
+    name = args.name or "nested" + ("_quick" if args.quick else "")
+    path = records.write_result(name, out, results_dir=args.results_dir)
+    _plots(path, out)
+    table = _table(out, name)
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {path}, {path.with_suffix('.png').name}, {path.stem}_analysis.png, "
+          f"{path.with_suffix('.md').name}")
+    return 0
 
-    # 1. dense fine-tuning, then plain SVD truncation of the fine-tuned model (no NSN training)
-    reused = json.loads(args.reuse.read_text()) if args.reuse else None
+
+
+
+def _dense_and_svd(run: _Run, out: dict) -> None:
+    """1. Dense fine-tuning, then plain SVD truncation of the fine-tuned model (no NSN)."""
+    args, progress, reused = run.args, run.progress, run.reused
+    eval_ranks = _ints(args.ranks, EVAL_RANKS)
     if reused is None:
         cfg, dense = _train(args, None, "full", progress)
         steps = dense.result["steps"]
@@ -234,7 +275,15 @@ def main(argv=None) -> int:
     else:
         out.update(_reuse(args, reused, eval_ranks))
 
-    # 2. one NSN model over the rank grid
+    run.cfg, run.steps, run.dense_model, run.svd_model = cfg, steps, dense_model, svd_model
+    run.arrays, run.top, run.half, run.headline = arrays, top, half, headline
+    run.eval_ranks, run.batch = eval_ranks, batch
+
+
+def _nsn(run: _Run, out: dict) -> None:
+    """2. One NSN model over the rank grid (after an optional dense warm start)."""
+    args, progress, steps, top = run.args, run.progress, run.steps, run.top
+    arrays, eval_ranks, headline = run.arrays, run.eval_ranks, run.headline
     grid = _ints(args.grid, nested.core.rank_grid(top, steps=args.grid_steps))
     warm_steps = round(args.warm_start * steps)
     if warm_steps >= steps:
@@ -254,24 +303,24 @@ def main(argv=None) -> int:
     overrides = {"steps": steps - warm_steps} if warm_steps else {}
     if args.nested_lr is not None:
         overrides["lr"] = args.nested_lr
-    _, run = _train(args, method, "nested", progress, **overrides)
-    if warm_steps + run.result["steps"] != steps:
-        raise ValueError(f"NSN ran {warm_steps} + {run.result['steps']} steps, the dense run "
+    _, nrun = _train(args, method, "nested", progress, **overrides)
+    if warm_steps + nrun.result["steps"] != steps:
+        raise ValueError(f"NSN ran {warm_steps} + {nrun.result['steps']} steps, the dense run "
                          f"{steps}")
-    model = nnx.merge(run.graphdef, run.params, run.rest)
-    sampled = run.result["history"]["metrics"]["variant_rank"]
+    model = nnx.merge(nrun.graphdef, nrun.params, nrun.rest)
+    sampled = nrun.result["history"]["metrics"]["variant_rank"]
     ranks_seen, counts = np.unique(np.asarray(sampled, int), return_counts=True)
     out["nested"] = {
-        **_summary(run), "warm_start_steps": warm_steps, "grid": list(grid),
+        **_summary(nrun), "warm_start_steps": warm_steps, "grid": list(grid),
         "curriculum_steps": int(args.curriculum * (steps - warm_steps)),
         "log_var_lr": args.log_var_lr,
         "sampled_ranks": {int(r): int(c) for r, c in zip(ranks_seen, counts)},
         "log_variances": dict(zip(map(str, grid),
-                                  np.asarray(run.beside[nested.OBJECTIVE].log_var).tolist())),
-        "history": {k: run.result["history"]["metrics"][k] for k in
+                                  np.asarray(nrun.beside[nested.OBJECTIVE].log_var).tolist())),
+        "history": {k: nrun.result["history"]["metrics"][k] for k in
                     ("ce_anchor", "ce_variant", "variant_rank", "s_anchor", "s_variant")},
-        "sweep": _sweep((run.graphdef, run.params, run.rest), arrays, eval_ranks, headline),
-        "test_correct": _correct((run.graphdef, run.params, run.rest), arrays["test"],
+        "sweep": _sweep((nrun.graphdef, nrun.params, nrun.rest), arrays, eval_ranks, headline),
+        "test_correct": _correct((nrun.graphdef, nrun.params, nrun.rest), arrays["test"],
                                  eval_ranks)}
     for row in out["nested"]["sweep"]:
         row["trained"] = row["rank"] in grid
@@ -281,10 +330,16 @@ def main(argv=None) -> int:
         f"{row['rank']}: {row['test_accuracy']:.3f} / {svd_acc[row['rank']]['test_accuracy']:.3f}"
         for row in out["nested"]["sweep"]), flush=True)
 
-    # 3. specialists at fixed ranks
+    run.model = model
+
+
+def _specialists(run: _Run, out: dict) -> None:
+    """3. Specialists: MLP Linears converted and trained at one fixed rank each."""
+    args, progress, arrays, top = run.args, run.progress, run.arrays, run.top
+    specialists = _ints(args.specialists, ())
     out.setdefault("specialists", {})
-    spec_models = {}
-    for r in () if reused else specialists:
+    spec_models = run.spec_models
+    for r in () if run.reused else specialists:
         if r > top:
             continue
         _, srun = _train(args, nested_eval.specialist_method(r), f"specialist_r{r}",
@@ -295,7 +350,13 @@ def main(argv=None) -> int:
             **_summary(srun),
             "sweep": _sweep((srun.graphdef, srun.params, srun.rest), arrays, lower, [r])}
 
-    # 4. costs, latency, nesting, energies
+
+
+def _costs_latency_nesting_energy(run: _Run, out: dict) -> None:
+    """4. FLOP costs by rank, latency (model and one layer), nesting angles, energies."""
+    args, reused, model, top = run.args, run.reused, run.model, run.top
+    batch, eval_ranks, spec_models = run.batch, run.eval_ranks, run.spec_models
+    dense_model, svd_model = run.dense_model, run.svd_model
     out["costs"] = {
         "layers": [{"path": c.path, "d_in": c.d_in, "d_out": c.d_out, "max_rank": c.max_rank,
                     "dense_macs": c.dense, "macs_per_rank": c.per_rank, "break_even": c.break_even}
@@ -349,7 +410,11 @@ def main(argv=None) -> int:
                          "svd_of_dense_ft": reused["energy"]["svd_of_dense_ft"],
                          "pretrained": out["energy"]["pretrained"]}
 
-    # 5. the headline: 50% of the dense-MLP FLOPs
+
+
+def _headline(run: _Run, out: dict) -> None:
+    """5. The headline: NSN at 50% of the dense-MLP FLOPs against SVD truncation."""
+    model, top, half, headline, arrays = run.model, run.top, run.half, run.headline, run.arrays
     nsn, svd = _by_rank(out["nested"]["sweep"]), _by_rank(out["svd_truncation"]["sweep"])
     below = [r for r in sorted(nsn) if r < top and r in svd]
     accs = [nsn[r]["test_accuracy"] for r in sorted(nsn)]
@@ -367,16 +432,6 @@ def main(argv=None) -> int:
         "largest_drop_with_rank": max(0.0, *(a - b for a, b in zip(accs, accs[1:]))),
         "largest_decline": analysis.largest_decline(out["nested"]),
         "binomial_noise_sd": noise}
-    out["total_seconds"] = time.perf_counter() - start
-    name = args.name or "nested" + ("_quick" if args.quick else "")
-    path = records.write_result(name, out, results_dir=args.results_dir)
-    _plots(path, out)
-    table = _table(out, name)
-    path.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {path}, {path.with_suffix('.png').name}, {path.stem}_analysis.png, "
-          f"{path.with_suffix('.md').name}")
-    return 0
 
 
 def _paired(out, ranks) -> dict[str, dict[str, float]]:
