@@ -141,8 +141,13 @@ def test_dual_svid_structure():
     f = core.littlebit_init(w, jax.random.key(0), rank=8, itq_iters=0)
     u, v = core.balanced_factors(w, 8)
     np.testing.assert_array_equal(core.sign(f["u"][0]), core.sign(u))  # no rotation: SVD signs
-    for name in ("h", "g", "lu", "lv"):
-        assert bool((f[name] >= 0).all()), name
+    # Dual-SVID: outer(h, lu) and outer(g, lv) are the best rank-1 fits of |U| and |V|
+    for path in range(2):
+        for rows, cols, latent in (("h", "lu", "u"), ("g", "lv", "v")):
+            p, s, qt = np.linalg.svd(np.abs(np.asarray(f[latent][path], np.float64)))
+            best = np.abs(s[0] * np.outer(p[:, 0], qt[0]))  # Perron vectors: one-signed
+            np.testing.assert_allclose(np.outer(f[rows][path], f[cols][path]), best,
+                                       rtol=1e-4, atol=1e-5 * s[0], err_msg=f"{path} {rows}")
     # The residual path fits what the binarised primary leaves.
     primary = core.path_dense(*(f[k][0] for k in ("u", "v", "h", "g")), f["lu"][0] * f["lv"][0])
     u2, _ = core.balanced_factors(w - primary, 8)
