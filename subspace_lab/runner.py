@@ -62,6 +62,7 @@ def parser(module: str, doc: str, *, quick: str, seed: int | None = 0, seed_help
     if sizes is not None and set(sizes) != set(SIZE_NAMES):
         raise ValueError(f"sizes has {sorted(sizes)}; it must have exactly {list(SIZE_NAMES)}")
     p = argparse.ArgumentParser(prog=f"subspace-jax run {module.rsplit('.', 1)[-1]}",
+                                allow_abbrev=False,  # a recorded command means one thing
                                 description=doc.split("\n\n")[0].strip())
     shared = p.add_argument_group("shared flags (every experiment)")
     if sizes is not None:
