@@ -1,5 +1,4 @@
-"""The NSN experiment (``subspace-jax run nested_finetune``), its demo rows and the paired
-statistics of :mod:`subspace_lab.analysis` it reports."""
+"""The NSN experiment (``subspace-jax run nested_finetune``) and its demo rows."""
 
 import argparse
 import json
@@ -7,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from subspace_lab import analysis, experiments, nested_eval
+from subspace_lab import experiments, nested_eval
 from subspace_lab.rows import Budget
 
 
@@ -61,33 +60,6 @@ def test_experiment_and_demo_rows_smoke(tmp_path):
 
 def _by_rank_acc(rows):
     return {row["rank"]: row["test_accuracy"] for row in rows}
-
-
-def test_mcnemar_exact():
-    mcnemar = analysis.mcnemar
-    assert mcnemar("1010", "1010") == {"only_a": 0, "only_b": 0, "p_value": 1.0}
-    assert mcnemar("000000", "111111") == {"only_a": 0, "only_b": 6, "p_value": 2 / 64}
-    a, b = "1101101110011", "0110011101110"
-    assert mcnemar(a, b)["p_value"] == mcnemar(b, a)["p_value"]
-    with pytest.raises(ValueError):
-        mcnemar("10", "1")
-
-
-def test_largest_decline_spans_any_two_ranks_and_is_paired():
-    decline = analysis.largest_decline
-    rows = lambda *accs: [{"rank": 2 ** i, "test_accuracy": a} for i, a in enumerate(accs)]
-    assert decline({"sweep": rows(0.2, 0.4, 0.4, 0.9)}) is None        # never falls
-    # two neighbour falls of 0.1 add up to 0.2 between ranks 2 and 8
-    fall = decline({"sweep": rows(0.1, 0.6, 0.5, 0.4, 0.7),
-                    "test_correct": {"2": "11111100", "8": "11000011"}})
-    assert (fall["low"], fall["high"], fall["only_low"], fall["only_high"]) == (2, 8, 4, 2)
-    assert fall["points"] == pytest.approx(20.0)
-    assert fall["p_value"] == pytest.approx(2 * (1 + 6 + 15) / 64)
-    assert fall["pairs"] == 10 and fall["p_bonferroni"] == 1.0        # the worst of 10 pairs
-    in_process = decline({"sweep": rows(0.1, 0.6, 0.5, 0.4, 0.7),     # int keys before JSON
-                          "test_correct": {2: "11111100", 8: "11000011"}})
-    assert in_process == fall
-    assert "p_value" not in decline({"sweep": rows(0.5, 0.25)})          # no per-text record
 
 
 def test_warm_start_outside_its_range_is_a_clear_error(tmp_path):
