@@ -20,12 +20,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "SIZE_NAMES", "parser", "parse"]
+__all__ = ["RESULTS_DIR", "SIZE_NAMES", "SHARED", "parser", "parse"]
 
 #: Default ``--results-dir``: ``results/`` under the current directory.
 RESULTS_DIR = Path("results")
 #: The budgets of ``--size`` (and of ``subspace-jax bench --size``).
 SIZE_NAMES = ("tiny", "small", "full")
+#: The namespace fields of the shared flags (an experiment that forwards its own flags as
+#: settings leaves these out).
+SHARED = ("size", "quick", "seed", "results_dir", "name", "no_progress")
 
 
 def parser(module: str, doc: str, *, quick: str, seed: int | None = 0, seed_help: str = "seed",
@@ -76,7 +79,7 @@ def parser(module: str, doc: str, *, quick: str, seed: int | None = 0, seed_help
                         help="where the result JSON and figures go (default: ./results)")
     shared.add_argument("--name", default=name, help="result file stem")
     shared.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(_sizes=dict(sizes) if sizes is not None else None)
+    p.sizes = dict(sizes) if sizes is not None else None  # read by parse, not a flag
     return p
 
 
@@ -91,7 +94,7 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
         The namespace (``size`` is the budget named, or None).
     """
     args = p.parse_args(argv)
-    sizes = getattr(args, "_sizes", None)
+    sizes = getattr(p, "sizes", None)
     if getattr(args, "size", None) is not None and sizes is not None:
         argv = list(argv if argv is not None else sys.argv[1:])
         i = max(j for j, a in enumerate(argv) if a == "--size" or a.startswith("--size="))

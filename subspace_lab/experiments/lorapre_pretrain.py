@@ -313,13 +313,18 @@ def bench_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv=None) -> int:
-    args = parse(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in (
-        "quick", "only", "progress", "results_dir", "name")}
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The run's :class:`Settings` from its flags (the shared flags aside, ``seed`` kept)."""
+    skip = {*runner.SHARED, "only"} - {"seed"}
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     if args.only:
         overrides["optimizers"] = tuple(args.only.split(","))
-    settings = Settings.make(quick=args.quick, **overrides)
+    return Settings.make(quick=args.quick, **overrides)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    settings = settings_from(args)
     name = args.name or "lorapre" + ("_quick" if args.quick else "")
     path = args.results_dir / f"{name}.json"
     save = lambda partial: (records.write_result(name, partial,  # noqa: E731

@@ -15,7 +15,7 @@ SHARED = {"quick", "seed", "results_dir", "name", "no_progress"}
 def test_every_experiment_has_the_shared_flags(name):
     module = experiments.load(name)
     args = module.parse([])
-    assert SHARED <= set(vars(args)), name
+    assert SHARED <= set(vars(args)) and "_sizes" not in vars(args), name
     assert args.results_dir == Path("results") and args.no_progress is False
     moved = module.parse(["--results-dir", "/tmp/r", "--seed", "3", "--no-progress"])
     assert (moved.results_dir, moved.seed, moved.no_progress) == (Path("/tmp/r"), 3, True)
@@ -27,6 +27,15 @@ def test_every_experiment_has_the_shared_flags(name):
     else:
         with pytest.raises(SystemExit):
             module.parse(["--size", "tiny"])
+
+
+@pytest.mark.parametrize("size", runner.SIZE_NAMES)
+def test_lorapre_settings_take_every_size(size):
+    module = experiments.load("lorapre_pretrain")  # its flags become the run's Settings
+    settings = module.settings_from(module.parse(["--size", size, "--seed", "2"]))
+    assert settings.lm.seed == 2
+    if size == "full":
+        assert settings.lm.steps == 300 and len(settings.optimizers) == 9
 
 
 def test_sizes_must_name_the_three_budgets():
