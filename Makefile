@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean aarch64-smoke
+.PHONY: demo test venv clean aarch64-smoke notebooks
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Re-execute every notebook in a kernel and store its outputs (text and figures), so they show
+# their results where people read them; tests/test_notebooks.py checks they are stored.
+notebooks: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[notebooks]'
+	OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} $(PY) scripts/run_notebooks.py
 
 # Correctness on aarch64 (Raspberry Pi class) under qemu user-mode emulation; needs root.
 aarch64-smoke: $(STAMP)
