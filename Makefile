@@ -20,8 +20,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} $(PY) -m subspace_lab demo
 
+# Two worker processes, one test file each at a time (module fixtures are built once);
+# PYTEST_WORKERS=0 runs in this process, e.g. to debug with -x/--pdb.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} $(PY) -m pytest -q \
+	  -n $${PYTEST_WORKERS:-2} --dist loadfile tests
 
 # Re-execute every notebook in a kernel and store its outputs (text and figures), so they show
 # their results where people read them; tests/test_notebooks.py checks they are stored.
