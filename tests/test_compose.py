@@ -81,11 +81,7 @@ def _run(step, params, opt_state, rest, batches):
 
 def _low_rank_factors(opt_state) -> dict[str, lorapre.Factors]:
     """LoRA-Pre's first-moment factors by parameter path (the low-rank branch only)."""
-    mu = opt_state.inner_states["lorapre"].inner_state[0].mu
-    flat = jax.tree_util.tree_flatten_with_path(mu, is_leaf=lambda x: isinstance(
-        x, lorapre.Factors))[0]
-    return {rules.keypath_str(k).replace("/value/", "/"): f for k, f in flat
-            if isinstance(f, lorapre.Factors)}
+    return {path: m.first for path, m in lorapre.moments(opt_state).items()}
 
 
 def _full_rank_is_adam(params, mask, **kwargs) -> float:

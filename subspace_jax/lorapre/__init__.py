@@ -11,9 +11,8 @@ Examples:
     >>> from subspace_jax.lorapre import lorapre
     >>> params = {"w": jnp.ones((64, 32)), "b": jnp.zeros(32)}
     >>> tx = lorapre(1e-3, rank=4)
-    >>> state = tx.init(params)
-    >>> low = state.inner_states["lorapre"].inner_state[0]
-    >>> low.mu["w"].B.shape, low.mu["w"].A.shape  # 2 r (p + q) numbers, not 2 p q
+    >>> low = moments(tx.init(params))  # {path: Moments}; AdamW's leaves are absent
+    >>> low["w"].first.B.shape, low["w"].first.A.shape  # 2 r (p + q) numbers, not 2 p q
     ((64, 4), (4, 32))
 
 References:
@@ -32,15 +31,20 @@ from subspace_jax.lorapre.alias import recipe as recipe
 from subspace_jax.lorapre.core import Factors as Factors
 from subspace_jax.lorapre.transform import DimensionNumbers as DimensionNumbers
 from subspace_jax.lorapre.transform import LoRAPreMuonState as LoRAPreMuonState
+from subspace_jax.lorapre.transform import CLOCKS as CLOCKS
 from subspace_jax.lorapre.transform import LoRAPreState as LoRAPreState
+from subspace_jax.lorapre.transform import Moments as Moments
+from subspace_jax.lorapre.transform import moments as moments
 from subspace_jax.lorapre.transform import scale_by_lorapre as scale_by_lorapre
 from subspace_jax.lorapre.transform import scale_by_lorapre_muon as scale_by_lorapre_muon
 
 __all__ = (
+    "CLOCKS",
     "DimensionNumbers",
     "Factors",
     "LoRAPreMuonState",
     "LoRAPreState",
+    "Moments",
     "alias",
     "core",
     "kernel_dimension_numbers",
@@ -48,6 +52,7 @@ __all__ = (
     "recipe",
     "lorapre",
     "lorapre_muon",
+    "moments",
     "scale_by_lorapre",
     "scale_by_lorapre_muon",
     "transform",

@@ -112,9 +112,10 @@ def _split(owner: str, rank: int, low: optax.GradientTransformation,
 
 def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.9,
             b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
-            weight_decay_mask: Any = None, *, scale: float = 1.0, damping: float = 1e-6,
-            init_std: float = 0.02, key: Any = 0, weight_dimension_numbers: Any = None,
-            adamw_mask: Any = None) -> optax.GradientTransformationExtraArgs:
+            weight_decay_mask: Any = None, *, scale: float = 1.0, clock: str = "unbiased",
+            damping: float = 1e-6, init_std: float = 0.02, key: Any = 0,
+            weight_dimension_numbers: Any = None, adamw_mask: Any = None,
+            ) -> optax.GradientTransformationExtraArgs:
     """LoRA-Pre Adam: low-rank Adam moments for large matrices, AdamW for the other leaves.
 
     The low-rank branch chains :func:`~subspace_jax.lorapre.transform.scale_by_lorapre`,
@@ -130,6 +131,10 @@ def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.
         weight_decay_mask: bools (tree, prefix or callable of the params): where to decay.
         scale: multiplies the low-rank branch's direction (GaLore's protocol, which the
             paper follows for pre-training, uses 0.25 with a larger learning rate).
+        clock: ``"unbiased"`` (default: the factors hold bias-corrected moments, combined
+            with the gradient as Adam's recursion does) or ``"paper"`` (Algorithm 1 as
+            printed, whose second moment runs on the wrong clock); see
+            :func:`~subspace_jax.lorapre.transform.scale_by_lorapre`.
         damping, init_std, key: as :func:`~subspace_jax.lorapre.transform.scale_by_lorapre`.
         weight_dimension_numbers: ``None`` (2-D leaves are matrices), one
             :data:`~subspace_jax.lorapre.transform.DimensionNumbers`, a prefix tree of
@@ -161,10 +166,12 @@ def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.
         arXiv 2602.24283.
     """
     _check("lorapre", rank, scale, b1=b1, b2=b2)
+    transform.check_clock("lorapre", clock)
     decay_mask = _tree.partition_safe(weight_decay_mask)
     low = optax.chain(
-        transform.scale_by_lorapre(rank, b1, b2, eps, damping=damping, init_std=init_std,
-                                   key=key, weight_dimension_numbers=_low_rank_specs(
+        transform.scale_by_lorapre(rank, b1, b2, eps, clock=clock, damping=damping,
+                                   init_std=init_std, key=key,
+                                   weight_dimension_numbers=_low_rank_specs(
                                        weight_dimension_numbers)),
         optax.scale(scale),
         optax.add_decayed_weights(weight_decay, decay_mask),
@@ -177,7 +184,8 @@ def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.
 def lorapre_muon(learning_rate: optax.ScalarOrSchedule, rank: int = 8, beta: float = 0.95,
                  ns_steps: int = 5, eps: float = 1e-8, weight_decay: float = 0.0,
                  weight_decay_mask: Any = None, *, nesterov: bool = True,
-                 adam_b1: float = 0.9, adam_b2: float = 0.999, adam_weight_decay: float = 0.0,
+                 clock: str = "unbiased", adam_b1: float = 0.9, adam_b2: float = 0.999,
+                 adam_weight_decay: float = 0.0,
                  adam_learning_rate: optax.ScalarOrSchedule | None = None,
                  damping: float = 1e-6, init_std: float = 0.02, key: Any = 0,
                  weight_dimension_numbers: Any = None, adamw_mask: Any = None,
@@ -191,7 +199,7 @@ def lorapre_muon(learning_rate: optax.ScalarOrSchedule, rank: int = 8, beta: flo
     Args:
         learning_rate: a float or an optax schedule for the Muon branch.
         rank: factor rank ``r`` (static).
-        beta, ns_steps, eps, nesterov: as
+        beta, ns_steps, eps, nesterov, clock: as
             :func:`~subspace_jax.lorapre.transform.scale_by_lorapre_muon`.
         weight_decay: decoupled weight decay of the Muon branch (times the learning rate).
         weight_decay_mask: bools (tree, prefix or callable): where the Muon branch decays.
@@ -209,16 +217,19 @@ def lorapre_muon(learning_rate: optax.ScalarOrSchedule, rank: int = 8, beta: flo
         >>> params = {"w": jnp.ones((32, 16)), "b": jnp.zeros(16)}
         >>> tx = lorapre_muon(0.02, rank=4, adam_learning_rate=1e-3)
         >>> updates, state = tx.update(params, tx.init(params), params)
-        >>> state.inner_states["lorapre"].inner_state[0].mu["w"].B.shape
-        (32, 4)
+        >>> from subspace_jax.lorapre import moments
+        >>> moments(state)["w"].first.B.shape, moments(state)["w"].second  # one pair
+        ((32, 4), None)
 
     References:
         arXiv 2602.24283.
     """
     _check("lorapre_muon", rank, 1.0, beta=beta, adam_b1=adam_b1, adam_b2=adam_b2)
+    transform.check_clock("lorapre_muon", clock)
     low = optax.chain(
         transform.scale_by_lorapre_muon(rank, beta, ns_steps, eps, nesterov=nesterov,
-                                        damping=damping, init_std=init_std, key=key,
+                                        clock=clock, damping=damping, init_std=init_std,
+                                        key=key,
                                         weight_dimension_numbers=_low_rank_specs(
                                             weight_dimension_numbers)),
         optax.add_decayed_weights(weight_decay, _tree.partition_safe(weight_decay_mask)),
@@ -256,7 +267,7 @@ def kernel_dimension_numbers(axes: Mapping[str, tuple[int, ...]] | None = None) 
         >>> tx = lorapre.lorapre(1e-3, rank=2,
         ...                      weight_dimension_numbers=lorapre.kernel_dimension_numbers(
         ...                          {"attn/q/kernel": (0,)}))
-        >>> tx.init(params).inner_states["lorapre"].inner_state[0].mu["attn"]["q"]["kernel"].B.shape
+        >>> lorapre.moments(tx.init(params))["attn/q/kernel"].first.B.shape
         (16, 2)
     """
     axes = dict(axes or {})
@@ -281,13 +292,14 @@ def kernel_dimension_numbers(axes: Mapping[str, tuple[int, ...]] | None = None) 
 
 
 def recipe(rank: int = 8, *, b2: float = 0.999, weight_decay: float = 0.01,
-           warmup_fraction: float = 0.0, clip: float | None = 1.0, key: Any = 0,
-           lr: float | None = None) -> Any:
+           warmup_fraction: float = 0.0, clip: float | None = 1.0, clock: str = "unbiased",
+           key: Any = 0, lr: float | None = None) -> Any:
     """LoRA-Pre as a :class:`~subspace_jax.train.Recipe`: the model is unchanged and trains
     fully; the optimizer is :func:`lorapre` (rank-``rank`` Adam moments updated in closed
     form each step) under the same schedule as :func:`subspace_jax.train.adamw` (linear
     warm-up over ``warmup_fraction`` of the steps, cosine decay to ``lr / 10``), global-norm
     clipping at ``clip`` and decoupled weight decay on leaves of two or more dimensions.
+    ``clock`` is :func:`lorapre`'s.
 
     Examples:
         >>> from subspace_jax import lorapre
@@ -303,7 +315,7 @@ def recipe(rank: int = 8, *, b2: float = 0.999, weight_decay: float = 0.01,
             0.0, peak, int(warmup_fraction * steps), steps, end_value=peak / 10)
         decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
         tx = lorapre(schedule, rank=rank, b2=b2, weight_decay=weight_decay,
-                     weight_decay_mask=decay, key=key)
+                     weight_decay_mask=decay, clock=clock, key=key)
         return tx if clip is None else optax.chain(optax.clip_by_global_norm(clip), tx)
 
     return train.Recipe(name="lorapre", optimizer=optimizer, lr=lr)

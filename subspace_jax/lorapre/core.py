@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Factors", "init_factors", "reconstruct", "newton_step", "gamma_for",
-           "newton_schulz", "rebalance", "NS_COEFFS"]
+           "unbiased_gamma", "newton_schulz", "rebalance", "NS_COEFFS"]
 
 # Quintic Newton-Schulz coefficients of Muon (Jordan et al., 2024): the slope at zero is
 # pushed high so that five steps bring every singular value near 1.
@@ -170,6 +170,37 @@ def gamma_for(beta, power: int = 2):
         (0.0513, 0.0127)
     """
     return 1 - jnp.asarray(beta, jnp.float32) ** (1.0 / power)
+
+
+def unbiased_gamma(decay, count):
+    """The factor step at step ``count`` that makes the product Adam's *bias-corrected* EMA.
+
+    A zero-started EMA ``m_t = d m_{t-1} + (1 - d) g_t`` divided by ``1 - d^t`` is itself
+    an EMA, ``mhat_t = mhat_{t-1} + eta_t (g_t - mhat_{t-1})``, with the step
+    ``eta_t = (1 - d) / (1 - d^t)``: 1 at ``t = 1`` (``mhat_1 = g_1``), ``-> 1 - d``
+    after. Factors whose product should decay by ``1 - eta_t`` keep ``sqrt(1 - eta_t)``
+    each, so ``gamma_t = 1 - sqrt(1 - eta_t)``. At ``t = 1`` it is 1: the first step sets
+    both factors to their least-squares fit of ``g_1``, and the random initial ``A``
+    leaves no trace.
+
+    Args:
+        decay: the product's decay ``d`` per step (``beta1`` for the first moment,
+            ``sqrt(beta2)`` for the ``|g|`` factors), in ``[0, 1)``.
+        count: the step ``t >= 1`` (the count after this step's increment).
+
+    Returns:
+        float32 ``gamma_t``.
+
+    Examples:
+        >>> [round(float(unbiased_gamma(0.9, t)), 4) for t in (1, 2, 1000)]
+        [1.0, 0.3118, 0.0513]
+        >>> round(float(gamma_for(0.9)), 4)  # the constant step it tends to
+        0.0513
+    """
+    d = jnp.asarray(decay, jnp.float32)
+    t = jnp.asarray(count, jnp.float32)
+    eta = jnp.where(d > 0, (1 - d) / (1 - d ** t), 1.0)
+    return 1 - jnp.sqrt(jnp.clip(1 - eta, 0.0, 1.0))
 
 
 def newton_schulz(x: jax.Array, steps: int = 5, eps: float = 1e-8) -> jax.Array:
