@@ -34,8 +34,12 @@ def test_lorapre_settings_take_every_size(size):
     module = experiments.load("lorapre_pretrain")  # its flags become the run's Settings
     settings = module.settings_from(module.parse(["--size", size, "--seed", "2"]))
     assert settings.lm.seed == 2
-    if size == "full":
-        assert settings.lm.steps == 300 and len(settings.optimizers) == 9
+    if size == "full":  # the paper's protocol: width 256, r = 8 against GaLore at 8 r = 64
+        assert settings.lm.preset == "5m" and settings.optimizers is None
+        assert [c.name for c in module.candidates(settings)] == [
+            "adamw", "lorapre_r8", "galore_r64", "galore_r8", "lorapre_r64", "muon",
+            "lorapre_muon_r64", "adafactor"]
+        assert settings.sweep_steps < settings.lm.steps and settings.grid_points == 3
 
 
 def test_sizes_must_name_the_three_budgets():
