@@ -472,3 +472,22 @@ def test_dimension_numbers_that_do_not_fit_name_the_leaf():
             {"w": jnp.ones((4, 4))})
     with pytest.raises(ValueError, match="not a prefix"):
         lorapre(1e-3, rank=2, weight_dimension_numbers={"x": None}).init(params)
+
+
+def test_update_holds_no_dense_matrix_temporary():
+    """Adam's update holds no ``p x q`` temporary; LoRA-Pre's (row-chunked) holds one
+    ``rows x q`` chunk of each dense moment (and of the step) at a time, not ``M``, ``P`` or
+    ``|g|`` whole (the compiled program's ``temp`` bytes), also where ``p`` has no divisor near the chunk
+    size (the prime 1031: the last chunk overlaps its neighbour)."""
+    for p, q in ((640, 2048), (1031, 1024)):
+        g = {"w": jnp.ones((p, q))}
+        temps = {}
+        for name, tx in (("adam", optax.scale_by_adam()), ("lorapre", scale_by_lorapre(8))):
+            with STANDARD:
+                state = tx.init(g)
+                temps[name] = measure.compiled_memory(jax.jit(tx.update), g, state).temp
+        rows = core.row_chunk(p, q)
+        print(f"{p}x{q}: temp bytes Adam {temps['adam']}, LoRA-Pre {temps['lorapre']} "
+              f"(one p x q matrix: {4 * p * q}; a chunk: {4 * rows * q})")
+        assert temps["lorapre"] <= 3 * 4 * rows * q + 4 * 8 * (p + q) * 8
+        assert temps["lorapre"] < 4 * p * q  # less than one dense matrix (it held two)

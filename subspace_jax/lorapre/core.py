@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["Factors", "init_factors", "reconstruct", "newton_step", "gamma_for",
-           "unbiased_gamma", "newton_schulz", "rebalance", "NS_COEFFS"]
+           "unbiased_gamma", "adam_step", "row_chunk", "newton_schulz", "rebalance",
+           "NS_COEFFS"]
 
 # Quintic Newton-Schulz coefficients of Muon (Jordan et al., 2024): the slope at zero is
 # pushed high so that five steps bring every singular value near 1.
@@ -128,12 +129,111 @@ def newton_step(f: Factors, target: jax.Array, gamma, damping=1e-6, *,
         >>> bool(jnp.allclose(reconstruct(f), t, rtol=1e-4))
         True
     """
+    old = f.B
+    return _newton_finish(f, f.A @ _t(target),
+                          lambda b: _t(b if sequential else old) @ target, gamma, damping)
+
+
+def _newton_finish(f: Factors, a_t: jax.Array, b_t, gamma, damping) -> Factors:
+    """:func:`newton_step` given its two products with the target: ``a_t = A T^T``
+    (``(..., r, p)``) and ``b_t(B_new) = B_new^T T`` (``(..., r, q)``)."""
     keep = 1 - gamma
-    b_ls = _t(_damped_solve(f.A @ _t(f.A), f.A @ _t(target), damping))  # T A^T (A A^T)^-1
-    b = keep * f.B + gamma * b_ls
-    left = b if sequential else f.B
-    a_ls = _damped_solve(_t(left) @ left, _t(left) @ target, damping)  # (B^T B)^-1 B^T T
+    b = keep * f.B + gamma * _t(_damped_solve(f.A @ _t(f.A), a_t, damping))  # T A^T (AA^T)^-1
+    a_ls = _damped_solve(_t(b) @ b, b_t(b), damping)  # (B^T B)^-1 B^T T
     return rebalance(Factors(B=b, A=keep * f.A + gamma * a_ls))
+
+
+#: Elements of ``g`` one chunk of :func:`adam_step` holds (``rows * q``): 1 MiB of float32.
+CHUNK_ELEMENTS = 2**18
+
+
+def row_chunk(p: int, q: int, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk of :func:`adam_step` for a ``p x q`` matrix: the largest divisor of
+    ``p`` with ``rows * q <= elements`` (at least half that many rows; else that many rows,
+    and the last chunk overlaps its neighbour).
+
+    Examples:
+        >>> row_chunk(640, 2048), row_chunk(64, 48), row_chunk(131, 4096)  # 131 is prime
+        (128, 64, 64)
+    """
+    cap = max(1, min(p, elements // max(q, 1)))
+    best = max(d for d in range(1, cap + 1) if p % d == 0)
+    return best if 2 * best >= cap else cap
+
+
+def adam_step(g: jax.Array, mu: Factors, nu: Factors, *, w1, w2, b1, b2, count, eps,
+              gamma1, gamma2, damping, rows: int | None = None,
+              ) -> tuple[jax.Array, Factors, Factors]:
+    """LoRA-Pre Adam's step direction and both factor pairs' Newton steps, in row chunks.
+
+    The same numbers as ``step = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)`` with
+    ``m = w1 M + (1 - b1) g``, ``v = w2 P^2 + (1 - b2) g^2``, then
+    ``newton_step(mu, g, gamma1)`` and ``newton_step(nu, |g|, gamma2)``, but with no
+    ``p x q`` temporary: one pass over ``rows x q`` chunks of ``g`` builds the step rows and
+    ``A g^T``, ``A_v |g|^T`` (their columns are ``g``'s rows); a second accumulates
+    ``B'^T g`` and ``B_v'^T |g|`` with the new left factors. Adam's own update holds no
+    ``p x q`` temporary either; the dense products ``M = m_B m_A`` and ``P`` exist one
+    chunk at a time.
+
+    Args:
+        g: ``(p, q)`` float32 gradient.
+        mu, nu: factors of ``g`` and of ``|g|``.
+        w1, w2, b1, b2, count, eps: the step's weights, decays, step ``t`` and epsilon.
+        gamma1, gamma2: the factor steps.
+        damping: relative damping of the ``r x r`` solves.
+        rows: rows per chunk (None: :func:`row_chunk`).
+
+    Returns:
+        ``(step, new mu, new nu)``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+        >>> g = jax.random.normal(k1, (12, 10))
+        >>> mu, nu = init_factors(k2, g.shape, 3), init_factors(k3, g.shape, 3)
+        >>> kw = dict(w1=0.9, w2=0.95, b1=0.9, b2=0.95, count=1.0, eps=1e-8, gamma1=1.0,
+        ...           gamma2=1.0, damping=1e-6)
+        >>> step, mu1, nu1 = adam_step(g, mu, nu, rows=5, **kw)  # 12 rows: 3 chunks, overlapping
+        >>> bool(jnp.allclose(step, g / jnp.abs(g), atol=1e-5))  # step 1 is Adam's
+        True
+        >>> bool(jnp.allclose(reconstruct(mu1), reconstruct(newton_step(mu, g, 1.0)), atol=1e-5))
+        True
+    """
+    p, q = g.shape
+    r = mu.B.shape[-1]
+    rows = min(p, row_chunk(p, q) if rows is None else rows)
+    n = -(-p // rows)
+    # chunk i holds rows [start_i, start_i + rows); the last one is moved back to end at p
+    # (it overlaps its neighbour, which writes the same step rows and columns again, and
+    # whose rows it leaves out of the sums): no padded copy of g
+    starts = jnp.minimum(jnp.arange(n) * rows, p - rows)
+    take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, rows, axis=0)  # noqa: E731
+
+    def first(carry, start):
+        step, a_g, a_abs = carry
+        gi, bm, bv = take(g, start), take(mu.B, start), take(nu.B, start)
+        m = w1 * (bm @ mu.A) + (1 - b1) * gi
+        v = w2 * jnp.square(bv @ nu.A) + (1 - b2) * jnp.square(gi)
+        rows_step = (m / (1 - b1 ** count)) / (jnp.sqrt(v / (1 - b2 ** count)) + eps)
+        put = jax.lax.dynamic_update_slice_in_dim
+        return (put(step, rows_step, start, 0), put(a_g, mu.A @ _t(gi), start, 1),
+                put(a_abs, nu.A @ _t(jnp.abs(gi)), start, 1)), None
+
+    zeros = (jnp.zeros_like(g), jnp.zeros((r, p), g.dtype), jnp.zeros((r, p), g.dtype))
+    (step, a_g, a_abs), _ = jax.lax.scan(first, zeros, starts)
+
+    def with_new(b: jax.Array, absolute: bool) -> jax.Array:
+        def second(acc, xs):
+            i, start = xs
+            gi = take(g, start)
+            fresh = (start + jnp.arange(rows) >= i * rows)[:, None]  # not in chunk i - 1
+            bi = jnp.where(fresh, take(b, start), 0.0)
+            return acc + _t(bi) @ (jnp.abs(gi) if absolute else gi), None
+        return jax.lax.scan(second, jnp.zeros((r, q), g.dtype), (jnp.arange(n), starts))[0]
+
+    return (step,
+            _newton_finish(mu, a_g, lambda b: with_new(b, False), gamma1, damping),
+            _newton_finish(nu, a_abs, lambda b: with_new(b, True), gamma2, damping))
 
 
 def rebalance(f: Factors) -> Factors:

@@ -19,6 +19,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -343,14 +344,14 @@ def scale_by_lorapre(rank: int = 8, b1: float = 0.9, b2: float = 0.95, eps: floa
         gamma2, w2 = clock_steps(clock, b2, 4, t)
         leaves = _leaves("scale_by_lorapre", updates, weight_dimension_numbers)
         out, mus, nus = [], [], []
+        one = functools.partial(core.adam_step, w1=w1, w2=w2, b1=b1, b2=b2, count=t,
+                                eps=eps, gamma1=gamma1, gamma2=gamma2, damping=damping)
         for (_, g, v), mu, nu in zip(leaves, _factor_list(state.mu), _factor_list(state.nu)):
             gm = v.to_matrix(g.astype(jnp.float32))
-            m = w1 * core.reconstruct(mu) + (1 - b1) * gm
-            s = w2 * jnp.square(core.reconstruct(nu)) + (1 - b2) * jnp.square(gm)
-            step = (m / (1 - b1 ** t)) / (jnp.sqrt(s / (1 - b2 ** t)) + eps)
+            step, mu, nu = (one if gm.ndim == 2 else jax.vmap(one))(gm, mu, nu)
             out.append(v.from_matrix(step).astype(g.dtype))
-            mus.append(core.newton_step(mu, gm, gamma1, damping))
-            nus.append(core.newton_step(nu, jnp.abs(gm), gamma2, damping))
+            mus.append(mu)
+            nus.append(nu)
         treedef = jax.tree.structure(updates)
         mu_def = jax.tree.structure(state.mu, is_leaf=lambda x: isinstance(x, core.Factors))
         return treedef.unflatten(out), LoRAPreState(
