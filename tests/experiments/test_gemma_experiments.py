@@ -71,7 +71,7 @@ def test_demo_rows_tiny_recorded_and_without_the_weights(monkeypatch):
     assert row["method"] == "Gemma 270M" and row["note"] == "skipped: no gguf"
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lorapre", "galore"])
 def test_finetune_smoke(mode, tmp_path):
     script = experiments.load("gemma_finetune")
     tokens, types = gemma_loading.toy_vocab(TINY.vocab_size)
@@ -84,8 +84,15 @@ def test_finetune_smoke(mode, tmp_path):
     assert len(result["history"]["losses"]) == 3
     assert math.isfinite(result["val_loss"]) and math.isfinite(result["val_loss_before"])
     non_embedding = TINY.num_params(embeddings=False)
-    if mode == "full":
+    if mode != "lora":
         assert result["trainable_params"] == non_embedding  # embeddings frozen
+        full = 2 * 4 * non_embedding  # AdamW's two float32 moments of what trains
+        state = result["optimizer_state_bytes"]
+        print(mode, result["optimizer"], "state bytes", state, "AdamW's", full)
+        if mode == "full":
+            assert full <= state < full + 1024
+        else:  # low-rank moments of the block matrices
+            assert state < 0.8 * full
     else:  # rank-8 adapters on the 7 projections of each block
         d, hd, f = TINY.dim, TINY.head_dim, TINY.mlp_hidden
         shapes = [(d, 4 * hd), (d, 2 * hd), (d, 2 * hd), (4 * hd, d), (d, f), (d, f), (f, d)]
