@@ -49,3 +49,17 @@ def test_sweep_then_headline_records_picks_test_loss_and_exact_state_bytes(tmp_p
         MODULE.main([*args, "--phase", "sweep", "--resume", "--muon-adam-lr", "1e-3"])
     with pytest.raises(SystemExit, match="other settings"):
         MODULE.main([*args, "--phase", "headline", "--grid-points", "3"])
+
+
+def test_cost_tiny_measures_both_updates_with_exact_state_bytes(tmp_path):
+    cost = experiments.load("lorapre_cost")
+    assert cost.main(["--size", "tiny", "--results-dir", str(tmp_path), "--no-progress"]) == 0
+    result = json.loads((tmp_path / "lorapre_cost_quick.json").read_text())
+    shapes = cost.block_shapes(cost.gemma_config.GemmaConfig(), 1)
+    update = result["update"]
+    assert result["matrices"] == 7 and "step" not in result
+    # AdamW: two float32 moments per weight; LoRA-Pre r8: 2 r (p + q) per matrix
+    assert update["adamw"]["state_bytes"] == pytest.approx(
+        8 * sum(p * q for p, q in shapes.values()), abs=64)
+    assert update["lorapre_r8"]["state_bytes"] == pytest.approx(
+        4 * sum(2 * 8 * (p + q) for p, q in shapes.values()), abs=64)
