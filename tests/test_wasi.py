@@ -386,21 +386,49 @@ def test_errors_name_the_layer():
 
 # --- calibration ------------------------------------------------------------------------------
 
-def test_knapsack_is_optimal_against_brute_force():
+@pytest.mark.parametrize("error", ["absolute", "relative"])
+def test_knapsack_is_optimal_against_brute_force(error):
     rng = np.random.default_rng(0)
-    layers = [[calibration.RankOption(e, (1,), int(rng.integers(1, 20)) * 1024, float(rng.random()))
-               for e in (0.4, 0.6, 0.9)] for _ in range(4)]
+    scales = rng.uniform(0.1, 10.0, 4)  # each layer's ||dW||: the absolute errors differ
+    layers = [[calibration.RankOption(e, (1,), int(rng.integers(1, 20)) * 1024, rel, rel * s)
+               for e, rel in zip((0.4, 0.6, 0.9), rng.random(3))] for s in scales]
+    value = (lambda o: o.abs_error) if error == "absolute" else (lambda o: o.error)  # noqa: E731
     for budget in (10, 25, 40, 80):
-        picks = calibration.knapsack(layers, budget * 1024)
+        picks = calibration.knapsack(layers, budget * 1024, error=error)
         cost = sum(layers[i][j].nbytes for i, j in enumerate(picks))
-        err = sum(layers[i][j].error for i, j in enumerate(picks))
+        err = sum(value(layers[i][j]) for i, j in enumerate(picks))
         feasible = [c for c in itertools.product(range(3), repeat=4)
                     if sum(layers[i][j].nbytes for i, j in enumerate(c)) <= budget * 1024]
         if not feasible:    # budget raised to the minimum: every layer's smallest option
             assert picks == [int(np.argmin([o.nbytes for o in opts])) for opts in layers]
             continue
-        best = min(sum(layers[i][j].error for i, j in enumerate(c)) for c in feasible)
+        best = min(sum(value(layers[i][j]) for i, j in enumerate(c)) for c in feasible)
         assert cost <= budget * 1024 and err == pytest.approx(best)
+
+
+def test_absolute_knapsack_gives_the_large_gradient_layer_more_memory():
+    """The paper sums ||dW - dW~||_F: a layer whose gradient is 1000x larger weighs 1000x
+    more. The relative sum (each error over its own ||dW||) ignores that, so it shares the
+    same budget differently."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    x_a, x_b = (jax.random.normal(k, (8, 16, 32)) for k in keys[:2])
+    g_a, g_b = (jax.random.normal(k, (8, 16, 24)) for k in keys[2:])
+    layers = [calibration.rank_options(x_a, g_a), calibration.rank_options(x_b, 1000 * g_b)]
+    bytes_b = {}
+    differ = []
+    for budget in sorted({a.nbytes + b.nbytes for a in layers[0] for b in layers[1]}):
+        picks = {e: calibration.knapsack(layers, budget, unit=64, error=e)
+                 for e in calibration.ERRORS}
+        bytes_b = {e: layers[1][p[1]].nbytes for e, p in picks.items()}
+        assert bytes_b["absolute"] >= bytes_b["relative"], (budget, picks)
+        if picks["absolute"] != picks["relative"]:
+            differ.append((budget, picks))
+    print(f"{len(differ)} budgets allocate differently, e.g. {differ[:2]}")
+    assert differ
+    with pytest.raises(ValueError, match="abs_error"):
+        calibration.knapsack([[calibration.RankOption(0.4, (1,), 1024, 0.5)]], 4096)
+    with pytest.raises(ValueError, match="error='mean'"):
+        calibration.knapsack(layers, 4096, error="mean")
 
 
 def test_convert_with_budget_uses_the_table():
@@ -410,6 +438,8 @@ def test_convert_with_budget_uses_the_table():
                             return_plans=True)
     _, loose = wasi.convert(_mlp(), sample=sample, budget_bytes=10**9, verbose=False,
                             return_plans=True)
+    with pytest.raises(ValueError, match="knapsack_error='mean'"):
+        wasi.convert(_mlp(), sample=sample, budget_bytes=0, knapsack_error="mean", verbose=False)
     for t, lo in zip(tight, loose):
         assert len(t.options) == len(calibration.EPS_GRID)
         assert t.eps == 0.4 and lo.eps == 0.9

@@ -48,13 +48,15 @@ def activation_bytes(shape: Sequence[int], ranks: Sequence[int] | None = None,
 @dataclasses.dataclass(frozen=True)
 class RankOption:
     """One row of the calibration table: per-mode ``ranks`` reached at ``eps``, the
-    ``nbytes`` of core + factors and the weight-gradient ``error``
-    ``||dW - dW~||_F / ||dW||_F`` against the exact gradient."""
+    ``nbytes`` of core + factors and the weight-gradient error against the exact gradient,
+    relative (``error = ||dW - dW~||_F / ||dW||_F``) and absolute
+    (``abs_error = ||dW - dW~||_F``, the paper's knapsack metric; None if not measured)."""
 
     eps: float
     ranks: tuple[int, ...]
     nbytes: int
     error: float
+    abs_error: float | None = None
 
 
 def _np_unfold(x: np.ndarray, n: int) -> np.ndarray:
@@ -140,7 +142,7 @@ def eps_ranks(spectra, eps: float) -> tuple[int, ...]:
 def rank_options(x, g, eps_grid: Sequence[float] = EPS_GRID, *,
                  spectra=None) -> list[RankOption]:
     """Exact per-mode HOSVD of an activation at every eps of a grid, with its memory and the
-    relative error of the kernel gradient it gives (host-side numpy, float64). The
+    relative and absolute errors of the kernel gradient it gives (host-side numpy, float64). The
     decomposition of each mode is computed once (:func:`mode_spectra`) and truncated at
     every eps.
 
@@ -179,14 +181,22 @@ def rank_options(x, g, eps_grid: Sequence[float] = EPS_GRID, *,
             gp = np.moveaxis(np.tensordot(u.T, gp, axes=(1, n)), 0, n)
         lead = tuple(range(core.ndim - 1))
         approx = factors[-1] @ np.tensordot(core, gp, axes=(lead, lead))
-        out.append(RankOption(float(eps), ranks, activation_bytes(x.shape, ranks),
-                              float(np.linalg.norm(approx - exact)) / norm))
+        err = float(np.linalg.norm(approx - exact))
+        out.append(RankOption(float(eps), ranks, activation_bytes(x.shape, ranks), err / norm,
+                              err))
     return out
 
 
+ERRORS = ("absolute", "relative")
+
+
 def knapsack(options: Sequence[Sequence[RankOption]], budget_bytes: int, *,
-             unit: int = 1024) -> list[int]:
+             unit: int = 1024, error: str = "absolute") -> list[int]:
     """Pick one option per layer minimising the summed gradient error under a memory budget.
+
+    ``error="absolute"`` sums ``||dW - dW~||_F`` over layers, as the paper does: a layer
+    with a large gradient weighs more. ``"relative"`` sums each layer's error divided by
+    its own ``||dW||_F`` (every layer alike), which shares the memory differently.
 
     A multiple-choice knapsack solved by dynamic programming over memory in ``unit`` bytes
     (each option's bytes rounded up). A budget at or below the smallest achievable total is
@@ -197,20 +207,33 @@ def knapsack(options: Sequence[Sequence[RankOption]], budget_bytes: int, *,
         options: per layer, its :class:`RankOption` list.
         budget_bytes: total activation memory allowed.
         unit: memory discretisation in bytes.
+        error: ``"absolute"`` (default, the paper's) or ``"relative"``.
 
     Returns:
         The chosen option index per layer.
 
+    Raises:
+        ValueError: an unknown ``error``, or ``"absolute"`` on options without
+            ``abs_error``.
+
     Examples:
         >>> from subspace_jax.wasi.calibration import RankOption, knapsack
-        >>> a = [RankOption(0.4, (1,), 1024, 0.5), RankOption(0.9, (2,), 4096, 0.1)]
-        >>> b = [RankOption(0.4, (1,), 1024, 0.5), RankOption(0.9, (2,), 4096, 0.4)]
+        >>> a = [RankOption(0.4, (1,), 1024, 0.5, 0.5), RankOption(0.9, (2,), 4096, 0.1, 0.1)]
+        >>> b = [RankOption(0.4, (1,), 1024, 0.5, 5.0), RankOption(0.9, (2,), 4096, 0.4, 4.0)]
         >>> knapsack([a, b], 5 * 1024), knapsack([a, b], 0), knapsack([a, b], 10**6)
-        ([1, 0], [0, 0], [1, 1])
+        ([0, 1], [0, 0], [1, 1])
+        >>> knapsack([a, b], 5 * 1024, error="relative")  # b's gradient is 10x a's
+        [1, 0]
 
     References:
         WASI, App. A.2 (linear-time rank search), arXiv 2510.09160.
     """
+    if error not in ERRORS:
+        raise ValueError(f"knapsack: error={error!r} must be one of {ERRORS}")
+    if error == "absolute" and any(o.abs_error is None for opts in options for o in opts):
+        raise ValueError("knapsack: error='absolute' needs every option's abs_error "
+                         "(rank_options measures it); pass error='relative' otherwise")
+    value = (lambda o: o.abs_error) if error == "absolute" else (lambda o: o.error)
     smallest = [min(range(len(opts)), key=lambda j: opts[j].nbytes) for opts in options]
     if budget_bytes <= sum(opts[j].nbytes for opts, j in zip(options, smallest)):
         return smallest
@@ -227,7 +250,7 @@ def knapsack(options: Sequence[Sequence[RankOption]], budget_bytes: int, *,
             if c > cap:
                 continue
             cand = np.full(cap + 1, inf)
-            cand[c:] = best[:cap + 1 - c] + o.error
+            cand[c:] = best[:cap + 1 - c] + value(o)
             better = cand < new
             new[better], pick[better] = cand[better], j
         best = new

@@ -205,7 +205,7 @@ def _check_ranks(path, shape, ranks):
                              f"of the other modes) for an input of shape {shape}")
 
 
-def _plans(selected, xs, gs, budget_bytes, eps_grid):
+def _plans(selected, xs, gs, budget_bytes, eps_grid, knapsack_error):
     """One plan per kernel: fixed ranks (rule ranks or eps), or the knapsack's under the
     budget that the fixed layers leave."""
     plans, spectra, free = {}, {}, []
@@ -226,7 +226,8 @@ def _plans(selected, xs, gs, budget_bytes, eps_grid):
                                 None if ranks is None else tuple(ranks), eps, options)
     if free:
         fixed = sum(p.compressed_bytes for path, p in plans.items() if path not in free)
-        picks = calibration.knapsack([plans[p].options for p in free], budget_bytes - fixed)
+        picks = calibration.knapsack([plans[p].options for p in free], budget_bytes - fixed,
+                                     error=knapsack_error)
         for path, j in zip(free, picks):
             o = plans[path].options[j]
             plans[path] = dataclasses.replace(plans[path], act_ranks=o.ranks, eps=o.eps)
@@ -252,8 +253,8 @@ def _refuse_moved(where: str, kwargs: Mapping[str, Any]) -> None:
 def transform(tree: Any, rules: WasiRule | Sequence[rules_lib.Rule] | None = None, *,
               sample: Callable[[Any], Any], budget_bytes: int | None = None,
               eps_grid: Sequence[float] = calibration.EPS_GRID, variant: str = "factored",
-              order: str = "auto", return_plans: bool = False, verbose: bool = False,
-              **moved: Any) -> Any:
+              order: str = "auto", knapsack_error: str = "absolute",
+              return_plans: bool = False, verbose: bool = False, **moved: Any) -> Any:
     """WASI on any parameter tree: the selected kernels become WASI kernels; pure.
 
     Each kernel a rule selects is factored at the smallest rank K reaching the rule's
@@ -284,6 +285,8 @@ def transform(tree: Any, rules: WasiRule | Sequence[rules_lib.Rule] | None = Non
         variant: ``"factored"`` (only the factors train; default) or ``"master"`` (a full
             master matrix trains; the factors follow it, as in the paper's code).
         order: weight-gradient contraction order (``"auto"``, ``"paper"``, ``"project"``).
+        knapsack_error: what the knapsack sums over layers: ``"absolute"`` weight-gradient
+            errors ``||dW - dW~||_F`` (default, the paper's) or ``"relative"`` ones.
         return_plans: also return the :class:`~subspace_jax.wasi.LayerPlan` s.
         verbose: print :func:`~subspace_jax.wasi.summary`.
 
@@ -337,7 +340,10 @@ def transform(tree: Any, rules: WasiRule | Sequence[rules_lib.Rule] | None = Non
 
     probed = rules_lib.apply(tree, rules, probe)
     xs, gs = _capture(probed, outs, sample, need_grads=budget_bytes is not None)
-    plans, spectra = _plans(selected, xs, gs, budget_bytes, eps_grid)
+    if knapsack_error not in calibration.ERRORS:
+        raise ValueError(f"wasi: knapsack_error={knapsack_error!r} must be one of "
+                         f"{calibration.ERRORS}")
+    plans, spectra = _plans(selected, xs, gs, budget_bytes, eps_grid, knapsack_error)
 
     def make(path, kernel, rule):
         plan = plans[path]
@@ -360,8 +366,8 @@ def transform(tree: Any, rules: WasiRule | Sequence[rules_lib.Rule] | None = Non
 def convert(model: nnx.Module, rules: WasiRule | Sequence[rules_lib.Rule] | None = None, *,
             sample: Callable[[nnx.Module], Any], budget_bytes: int | None = None,
             eps_grid: Sequence[float] = calibration.EPS_GRID, variant: str = "factored",
-            order: str = "auto", return_plans: bool = False, verbose: bool = True,
-            **moved: Any) -> Any:
+            order: str = "auto", knapsack_error: str = "absolute", return_plans: bool = False,
+            verbose: bool = True, **moved: Any) -> Any:
     """:func:`transform` for an NNX model: a new model with WASI kernels in its layers.
 
     The model is adopted (:func:`subspace_jax.adopt`: its ``nnx.Linear``,
@@ -374,7 +380,8 @@ def convert(model: nnx.Module, rules: WasiRule | Sequence[rules_lib.Rule] | None
 
     Args:
         model: any NNX model.
-        rules, budget_bytes, eps_grid, variant, order, return_plans: as in :func:`transform`.
+        rules, budget_bytes, eps_grid, variant, order, knapsack_error, return_plans: as in
+            :func:`transform`.
         sample: ``sample(model) -> outputs or loss`` on the calibration batch.
         verbose: print :func:`~subspace_jax.wasi.summary`.
 
@@ -403,7 +410,8 @@ def convert(model: nnx.Module, rules: WasiRule | Sequence[rules_lib.Rule] | None
     graphdef, state = nnx.split(sjnn.adopt(model))
     out, plans = transform(state, rules, sample=lambda s: sample(nnx.merge(graphdef, s)),
                            budget_bytes=budget_bytes, eps_grid=eps_grid, variant=variant,
-                           order=order, return_plans=True, verbose=verbose)
+                           order=order, knapsack_error=knapsack_error, return_plans=True,
+                           verbose=verbose)
     new = nnx.merge(graphdef, out)
     return (new, plans) if return_plans else new
 
@@ -411,14 +419,15 @@ def convert(model: nnx.Module, rules: WasiRule | Sequence[rules_lib.Rule] | None
 def recipe(rules: WasiRule | Sequence[rules_lib.Rule] | None = None, *,
            sample: Callable[[nnx.Module], Any],
            budget_bytes: int | Callable[[nnx.Module], int] | None = None,
-           variant: str = "factored", lr: float | None = None) -> Any:
+           variant: str = "factored", knapsack_error: str = "absolute",
+           lr: float | None = None) -> Any:
     """WASI as a :class:`~subspace_jax.train.Recipe`: :func:`convert` (kernels factored and
     activation bases calibrated on ``sample(model)``), every leaf trains as in full
     fine-tuning (as in the paper), and :func:`subspace_jax.wasi.post_update` keeps the
     factored basis orthonormal (or re-derives the factors from the master) after each step.
 
     Args:
-        rules, sample, variant: as in :func:`convert`.
+        rules, sample, variant, knapsack_error: as in :func:`convert`.
         budget_bytes: as in :func:`convert`, or a function of the model to convert (a
             share of its layers' full inputs).
         lr: the method's suggested peak learning rate (picked on validation for a task).
@@ -436,7 +445,7 @@ def recipe(rules: WasiRule | Sequence[rules_lib.Rule] | None = None, *,
         del key  # deterministic: SVDs and HOSVDs of the pretrained kernels and activations
         budget = budget_bytes(model) if callable(budget_bytes) else budget_bytes
         return convert(model, rules, sample=sample, budget_bytes=budget, variant=variant,
-                       verbose=False)
+                       knapsack_error=knapsack_error, verbose=False)
 
     return train.Recipe(name="wasi" if variant == "factored" else f"wasi_{variant}",
                         convert=convert_model, post_update=post_update, lr=lr)
