@@ -18,14 +18,15 @@ token embedding (tied to the head) stays on AdamW in the low-rank optimizers.
 
 **Protocol.** ``--phase sweep`` trains each optimizer at every learning rate of its grid
 (:data:`GRIDS`, three values a factor of about 3 apart) for ``--sweep-steps`` and picks the
-one with the lowest validation loss; it writes ``<name>_sweep.json`` after every run, and
+one with the lowest validation loss; a best value on an edge of the grid is followed by up
+to two more trials past it, at the grid's spacing; it writes ``<name>_sweep.json`` after every run, and
 ``--resume`` skips the runs a matching file already holds. ``--phase headline`` trains each
 optimizer at its picked rate for ``--steps`` (reading the picks from the sweep file) and
 reports validation *and test* loss (the pick saw only validation), the persistent state of
 the matrices and of everything, the compiled memory of the update alone (its ``temp`` is
 the transient peak) and the times of the update and of the whole step, each against AdamW
 measured round-robin in one process (:func:`subspace_jax.measure.compare`). ``--phase all``
-runs both. A pick at the edge of its grid is flagged.
+runs both. A pick still at an edge after that is flagged.
 
 Writes ``results/<name>_sweep.json`` and ``results/<name>.json`` (default name
 ``lorapre``), ``.png`` (validation curves) and ``_memory.png`` (state and transient bytes).
@@ -73,6 +74,7 @@ GRIDS: dict[str, tuple[float, ...]] = {
 }
 
 PHASES = ("sweep", "headline", "all")
+EXTEND = 2  # trials past an edge of a grid when the best value sits on it
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -351,31 +353,52 @@ def sweep(s: Settings, *, progress: bool = False, previous: dict[str, Any] | Non
         kept = previous.get("runs", {})
     runs: dict[str, dict[str, Any]] = {}
     picks: dict[str, dict[str, Any]] = {}
-    out: dict[str, Any] = {}
-    for c in candidates(s):
-        runs[c.name] = dict(kept.get(c.name, {}))
-        grid = s.grid(c.family)
-        for peak in grid:
-            label = f"{peak:g}"
-            if label in runs[c.name]:
-                continue
+    out: dict[str, Any] = _sweep_result(s, runs, picks, start)
+    def trial(c: Candidate, peak: float) -> float:
+        label = f"{peak:g}"
+        if label not in runs[c.name]:
             t0 = time.perf_counter()
             r = _train(s, c, peak, s.sweep_steps, progress=progress)
             r.pop("extras")
             runs[c.name][label] = r
             print(f"sweep {c.name:<18} lr {peak:<7g} val loss {r['val_loss']:.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-            out = _sweep_result(s, runs, picks, start)
             if on_result is not None:
-                on_result(out)
-        losses = {float(k): _finite(v["val_loss"]) for k, v in runs[c.name].items()}
-        best = min(grid, key=lambda lr: losses[lr])
-        picks[c.name] = {"lr": best, "val_loss": losses[best],
+                on_result(_sweep_result(s, runs, picks, start))
+        return _finite(runs[c.name][label]["val_loss"])
+
+    for c in candidates(s):
+        runs[c.name] = dict(kept.get(c.name, {}))
+        grid = list(s.grid(c.family))
+        losses = {peak: trial(c, peak) for peak in grid}
+        extended = []
+        # a pick at an edge of the grid is not a pick: step past it, by the grid's own
+        # spacing, up to EXTEND times (each one a full trial)
+        while len(grid) > 1 and len(extended) < EXTEND:
+            best = min(grid, key=losses.__getitem__)
+            if best == grid[-1]:
+                peak = _round(grid[-1] * grid[-1] / grid[-2])
+                grid.append(peak)
+            elif best == grid[0]:
+                peak = _round(grid[0] * grid[0] / grid[1])
+                grid.insert(0, peak)
+            else:
+                break
+            extended.append(peak)
+            losses[peak] = trial(c, peak)
+        best = min(grid, key=losses.__getitem__)
+        picks[c.name] = {"lr": best, "val_loss": losses[best], "grid": grid,
+                         "extended": extended,
                          "edge": len(grid) > 1 and best in (grid[0], grid[-1])}
         out = _sweep_result(s, runs, picks, start)
         if on_result is not None:
             on_result(out)
     return out
+
+
+def _round(lr: float) -> float:
+    """``lr`` to two significant digits (a grid value that prints as it is)."""
+    return float(f"{lr:.2g}")
 
 
 def _sweep_result(s: Settings, runs, picks, start) -> dict[str, Any]:

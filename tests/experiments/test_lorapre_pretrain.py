@@ -63,3 +63,25 @@ def test_cost_tiny_measures_both_updates_with_exact_state_bytes(tmp_path):
         8 * sum(p * q for p, q in shapes.values()), abs=64)
     assert update["lorapre_r8"]["state_bytes"] == pytest.approx(
         4 * sum(2 * 8 * (p + q) for p, q in shapes.values()), abs=64)
+
+
+@pytest.mark.parametrize("optimum, pick, extended, edge", [
+    (5e-3, 3e-3, [], False),          # inside the grid: no extra trial
+    (2e-2, 3.3e-2, [3.3e-2, 0.11], False),  # past the top: out by the grid's spacing
+    (1.0, 0.11, [3.3e-2, 0.11], True),      # far past it: still on the edge, flagged
+    (1e-4, 1.1e-4, [3.3e-4, 1.1e-4], True),  # below the bottom: stepping down
+])
+def test_sweep_steps_past_an_edge_of_the_grid(monkeypatch, optimum, pick, extended, edge):
+    tried = []
+
+    def fake_train(s, c, peak, steps, *, progress, test=False):
+        tried.append(peak)
+        return {"val_loss": abs(math.log(peak / optimum)), "extras": {}}
+
+    monkeypatch.setattr(MODULE, "_train", fake_train)
+    s = MODULE.Settings.make(quick=True, optimizers=("adamw",))
+    out = MODULE.sweep(s)
+    got = out["picks"]["adamw"]
+    assert got["lr"] == pytest.approx(pick) and got["edge"] is edge
+    assert got["extended"] == pytest.approx(extended)
+    assert tried == pytest.approx([1e-3, 3e-3, 1e-2, *extended])
