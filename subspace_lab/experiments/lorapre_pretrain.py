@@ -8,6 +8,9 @@ here, on a Llama decoder pretrained on the standard library's source (``--preset
 width 256, so r = 8 = width/32 and 8r = width/4 = 64):
 
 * AdamW; Adafactor; Muon (its AdamW branch at a fixed ``--muon-adam-lr``);
+* AdamW with the low-rank optimizers' learning-rate split (``adamw_split``: the block
+  matrices at 0.25x the rate of the embedding and norms, as GaLore's and LoRA-Pre's
+  ``scale`` makes it), to tell the split's effect from the low-rank state's;
 * GaLore at r and 8r (``optax.contrib.galore``, scale 0.25, gap 200, Adam b2 0.95);
 * LoRA-Pre (Adam) at r and at width/4 (scale 0.25, as the paper follows GaLore);
 * LoRA-Pre-Muon at width/4.
@@ -171,6 +174,19 @@ def candidates(s: Settings) -> list[Candidate]:
         return clip(optax.adamw(schedule(peak, steps), b2=0.95, weight_decay=wd,
                                 mask=_decay_mask))
 
+    def adamw_split(peak, steps):
+        # AdamW with the low-rank optimizers' learning-rate split: their ``scale`` moves
+        # the block matrices at lorapre_scale x the rate of the rest (embedding, norms)
+        sched = schedule(peak, steps)
+        matrices = lambda params: jax.tree.map(  # noqa: E731
+            lambda emb, x: "matrix" if x.ndim == 2 and not emb else "rest",
+            _is_embedding(params), params)
+        decayed = lambda lr: optax.adamw(lr, b2=0.95, weight_decay=wd,  # noqa: E731
+                                         mask=_decay_mask)
+        return clip(optax.multi_transform(
+            {"matrix": decayed(lambda c: s.lorapre_scale * sched(c)), "rest": decayed(sched)},
+            matrices))
+
     def adafactor(peak, steps):
         sched = schedule(peak, steps)
         # optax.adafactor adds its weight decay after the learning rate: scale it by the
@@ -215,7 +231,8 @@ def candidates(s: Settings) -> list[Candidate]:
            Candidate(f"lorapre_r{wide}", "lorapre", lorapre_adam(wide)),
            Candidate("muon", "muon", muon),
            Candidate(f"lorapre_muon_r{wide}", "muon", lorapre_muon_),
-           Candidate("adafactor", "adafactor", adafactor)]
+           Candidate("adafactor", "adafactor", adafactor),
+           Candidate("adamw_split", "galore", adamw_split)]
     out = list({c.name: c for c in out}.values())  # r = width/4 would name one twice
     if s.optimizers is not None:
         known = [c.name for c in out]

@@ -38,7 +38,7 @@ def test_lorapre_settings_take_every_size(size):
         assert settings.lm.preset == "5m" and settings.optimizers is None
         assert [c.name for c in module.candidates(settings)] == [
             "adamw", "lorapre_r8", "galore_r64", "galore_r8", "lorapre_r64", "muon",
-            "lorapre_muon_r64", "adafactor"]
+            "lorapre_muon_r64", "adafactor", "adamw_split"]
         assert settings.sweep_steps < settings.lm.steps and settings.grid_points == 3
 
 
