@@ -150,13 +150,15 @@ CHUNK_ELEMENTS = 2**18
 def row_chunk(p: int, q: int, elements: int = CHUNK_ELEMENTS) -> int:
     """Rows per chunk of :func:`adam_step` for a ``p x q`` matrix: the largest divisor of
     ``p`` with ``rows * q <= elements`` (at least half that many rows; else that many rows,
-    and the last chunk overlaps its neighbour).
+    and the last chunk overlaps its neighbour), and never fewer than 16 rows (or ``p``).
 
     Examples:
         >>> row_chunk(640, 2048), row_chunk(64, 48), row_chunk(131, 4096)  # 131 is prime
         (128, 64, 64)
+        >>> row_chunk(640, 262144)  # a vocabulary-wide matrix: 16 rows, not 1
+        16
     """
-    cap = max(1, min(p, elements // max(q, 1)))
+    cap = min(p, max(16, elements // max(q, 1)))  # at least 16 rows (a vocabulary-wide q)
     best = max(d for d in range(1, cap + 1) if p % d == 0)
     return best if 2 * best >= cap else cap
 
