@@ -91,8 +91,9 @@ def step_costs(txs: dict[str, Any], *, batch_size: int, seq_len: int,
                repeats: int) -> dict[str, Any]:
     """Round-robin times of the real model's whole fine-tuning step under each optimizer."""
     from subspace_jax.models import gemma
+    from subspace_lab import experiments
 
-    script = __import__("subspace_lab.experiments.gemma_finetune", fromlist=["prepare"])
+    script = experiments.load("gemma_finetune")  # the step as that experiment trains it
     model, _ = gemma.from_pretrained()
     graphdef, params, rest, rule = script.prepare(model, "full", rank=8, alpha=16.0,
                                                   key=jax.random.key(0))
