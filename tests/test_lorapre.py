@@ -491,3 +491,38 @@ def test_update_holds_no_dense_matrix_temporary():
               f"(one p x q matrix: {4 * p * q}; a chunk: {4 * rows * q})")
         assert temps["lorapre"] <= 3 * 4 * rows * q + 4 * 8 * (p + q) * 8
         assert temps["lorapre"] < 4 * p * q  # less than one dense matrix (it held two)
+
+
+def test_clip_inside_the_update_equals_clipping_before_it_without_the_copy():
+    """``lorapre(clip=c)`` gives ``chain(clip_by_global_norm(c), lorapre())``'s updates (the
+    clip active and not, matrices and AdamW leaves alike) while its compiled update holds
+    no clipped copy of the gradient matrix, which the chained one does (the chunk loop
+    cannot fuse the clip's multiply, so it is a dense temporary there)."""
+    k1, k2 = jax.random.split(jax.random.key(3))
+    params = {"w": jax.random.normal(k1, (640, 512)), "b": jnp.zeros(512)}
+    inside = lorapre(1e-3, rank=4, weight_decay=0.1, clip=1.0)
+    chained = optax.chain(optax.clip_by_global_norm(1.0), lorapre(1e-3, rank=4,
+                                                                 weight_decay=0.1))
+    s_in, s_ch = inside.init(params), chained.init(params)
+    for step, size in enumerate((1e-4, 5.0, 3.0)):   # not clipped, clipped, clipped
+        g = jax.tree.map(lambda x: size * jax.random.normal(jax.random.fold_in(k2, step),
+                                                            x.shape), params)
+        u_in, s_in = jax.jit(inside.update)(g, s_in, params)
+        u_ch, s_ch = jax.jit(chained.update)(g, s_ch, params)
+        for k in params:   # float rounding only (the factors' r x r solves amplify it)
+            err = float(jnp.linalg.norm(u_in[k] - u_ch[k]) / jnp.linalg.norm(u_ch[k]))
+            assert err < 1e-5, (step, k, err)
+    m_in, m_ch = moments(s_in)["w"].m(), moments(s_ch)["w"].m()
+    assert float(jnp.linalg.norm(m_in - m_ch) / jnp.linalg.norm(m_ch)) < 1e-5
+    g = jax.tree.map(jnp.ones_like, params)
+    temps = {name: measure.compiled_memory(jax.jit(tx.update), g, tx.init(params), params).temp
+             for name, tx in (("inside", inside), ("chained", chained))}
+    dense = 4 * 640 * 512
+    print(f"temp bytes: clip inside {temps['inside']}, clip chained before "
+          f"{temps['chained']} (one dense matrix {dense})")
+    # the chained one holds the clipped copy of g besides the step (the chunk loop's output,
+    # which scale, decay and learning rate then read: one dense matrix in both)
+    assert temps["chained"] - temps["inside"] >= 0.99 * dense
+    assert temps["inside"] < 2 * dense
+    with pytest.raises(ValueError, match=r"clip=0 must be a number > 0"):
+        lorapre(1e-3, clip=0)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from subspace_jax import rules
@@ -110,9 +111,38 @@ def _split(owner: str, rank: int, low: optax.GradientTransformation,
     return optax.partition({_LOW: low, _ADAM: _standard_promotion(adam)}, param_labels)
 
 
+def _scale_by_grad_scale() -> optax.GradientTransformationExtraArgs:
+    """Multiplies the updates by the extra argument ``grad_scale`` (AdamW's branch of a
+    clipped :func:`lorapre`; elementwise, so it fuses into Adam's update)."""
+    def update_fn(updates, state, params=None, **extra_args):
+        del params
+        s = extra_args[transform.GRAD_SCALE]
+        return jax.tree.map(lambda g: (s * g).astype(g.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def _clipped(tx: optax.GradientTransformation, max_norm: float
+             ) -> optax.GradientTransformationExtraArgs:
+    """``tx`` after global-norm clipping at ``max_norm``, the clip's factor passed down as the
+    extra argument ``grad_scale`` instead of applied to a copy of the gradients.
+
+    The factor is ``optax.clip_by_global_norm``'s: 1 under ``max_norm``, else
+    ``max_norm / norm``."""
+    tx = optax.with_extra_args_support(tx)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        norm = optax.tree.norm(updates)
+        s = jnp.where(norm < max_norm, 1.0, max_norm / norm).astype(jnp.float32)
+        return tx.update(updates, state, params, **{**extra_args, transform.GRAD_SCALE: s})
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.9,
             b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
-            weight_decay_mask: Any = None, *, scale: float = 1.0, clock: str = "unbiased",
+            weight_decay_mask: Any = None, *, scale: float = 1.0, clip: float | None = None,
+            clock: str = "unbiased",
             damping: float = 1e-6, init_std: float = 0.02, key: Any = 0,
             weight_dimension_numbers: Any = None, adamw_mask: Any = None,
             ) -> optax.GradientTransformationExtraArgs:
@@ -131,6 +161,10 @@ def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.
         weight_decay_mask: bools (tree, prefix or callable of the params): where to decay.
         scale: multiplies the low-rank branch's direction (GaLore's protocol, which the
             paper follows for pre-training, uses 0.25 with a larger learning rate).
+        clip: global-norm clipping of the whole gradient tree (None: none). The same
+            numbers as ``optax.chain(optax.clip_by_global_norm(clip), lorapre(...))``, but
+            the matrices' gradients are scaled inside the row-chunk loop, so no clipped
+            copy of them is held (one dense float32 copy of every matrix otherwise).
         clock: ``"unbiased"`` (default: the factors hold bias-corrected moments, combined
             with the gradient as Adam's recursion does) or ``"paper"`` (Algorithm 1 as
             printed, whose second moment runs on the wrong clock); see
@@ -147,7 +181,8 @@ def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.
         An ``optax.partition`` transform (labels from :func:`labels`).
 
     Raises:
-        ValueError: ``rank < 1``, a beta outside ``[0, 1)`` or ``scale <= 0`` (here); a
+        ValueError: ``rank < 1``, a beta outside ``[0, 1)``, ``scale <= 0`` or
+            ``clip <= 0`` (here); a
             dimension-number spec that does not fit a leaf (at ``init``, naming the leaf).
 
     Examples:
@@ -167,6 +202,8 @@ def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.
     """
     _check("lorapre", rank, scale, b1=b1, b2=b2)
     transform.check_clock("lorapre", clock)
+    if clip is not None and not (isinstance(clip, (int, float)) and clip > 0):
+        raise ValueError(f"lorapre: clip={clip!r} must be a number > 0 (or None)")
     decay_mask = _tree.partition_safe(weight_decay_mask)
     low = optax.chain(
         transform.scale_by_lorapre(rank, b1, b2, eps, clock=clock, damping=damping,
@@ -178,7 +215,11 @@ def lorapre(learning_rate: optax.ScalarOrSchedule, rank: int = 8, b1: float = 0.
         _standard_promotion(optax.scale_by_learning_rate(learning_rate)),
     )
     adam = optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
-    return _split("lorapre", rank, low, adam, weight_dimension_numbers, adamw_mask)
+    if clip is None:
+        return _split("lorapre", rank, low, adam, weight_dimension_numbers, adamw_mask)
+    adam = optax.chain(_scale_by_grad_scale(), adam)
+    return _clipped(_split("lorapre", rank, low, adam, weight_dimension_numbers, adamw_mask),
+                    clip)
 
 
 def lorapre_muon(learning_rate: optax.ScalarOrSchedule, rank: int = 8, beta: float = 0.95,
@@ -298,7 +339,7 @@ def recipe(rank: int = 8, *, b2: float = 0.999, weight_decay: float = 0.01,
     fully; the optimizer is :func:`lorapre` (rank-``rank`` Adam moments updated in closed
     form each step) under the same schedule as :func:`subspace_jax.train.adamw` (linear
     warm-up over ``warmup_fraction`` of the steps, cosine decay to ``lr / 10``), global-norm
-    clipping at ``clip`` and decoupled weight decay on leaves of two or more dimensions.
+    clipping at ``clip`` (:func:`lorapre`'s, inside the update) and decoupled weight decay on leaves of two or more dimensions.
     ``clock`` is :func:`lorapre`'s.
 
     Examples:
@@ -314,9 +355,8 @@ def recipe(rank: int = 8, *, b2: float = 0.999, weight_decay: float = 0.01,
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, peak, int(warmup_fraction * steps), steps, end_value=peak / 10)
         decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
-        tx = lorapre(schedule, rank=rank, b2=b2, weight_decay=weight_decay,
-                     weight_decay_mask=decay, clock=clock, key=key)
-        return tx if clip is None else optax.chain(optax.clip_by_global_norm(clip), tx)
+        return lorapre(schedule, rank=rank, b2=b2, weight_decay=weight_decay,
+                       weight_decay_mask=decay, clip=clip, clock=clock, key=key)
 
     return train.Recipe(name="lorapre", optimizer=optimizer, lr=lr)
 

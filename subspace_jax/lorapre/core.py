@@ -15,7 +15,7 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +164,7 @@ def row_chunk(p: int, q: int, elements: int = CHUNK_ELEMENTS) -> int:
 
 
 def adam_step(g: jax.Array, mu: Factors, nu: Factors, *, w1, w2, b1, b2, count, eps,
-              gamma1, gamma2, damping, rows: int | None = None,
+              gamma1, gamma2, damping, rows: int | None = None, scale: Any = 1.0,
               ) -> tuple[jax.Array, Factors, Factors]:
     """LoRA-Pre Adam's step direction and both factor pairs' Newton steps, in row chunks.
 
@@ -184,6 +184,9 @@ def adam_step(g: jax.Array, mu: Factors, nu: Factors, *, w1, w2, b1, b2, count, 
         gamma1, gamma2: the factor steps.
         damping: relative damping of the ``r x r`` solves.
         rows: rows per chunk (None: :func:`row_chunk`).
+        scale: a scalar the gradient is multiplied by, chunk by chunk (a global-norm clip's
+            factor: ``adam_step(g, ..., scale=s)`` is ``adam_step(s * g, ...)`` without the
+            scaled copy of ``g``, which the chunk loop could not fuse).
 
     Returns:
         ``(step, new mu, new nu)``.
@@ -210,10 +213,12 @@ def adam_step(g: jax.Array, mu: Factors, nu: Factors, *, w1, w2, b1, b2, count, 
     # whose rows it leaves out of the sums): no padded copy of g
     starts = jnp.minimum(jnp.arange(n) * rows, p - rows)
     take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, rows, axis=0)  # noqa: E731
+    scale = jnp.asarray(scale, g.dtype)
+    take_g = lambda start: scale * take(g, start)  # noqa: E731
 
     def first(carry, start):
         step, a_g, a_abs = carry
-        gi, bm, bv = take(g, start), take(mu.B, start), take(nu.B, start)
+        gi, bm, bv = take_g(start), take(mu.B, start), take(nu.B, start)
         m = w1 * (bm @ mu.A) + (1 - b1) * gi
         v = w2 * jnp.square(bv @ nu.A) + (1 - b2) * jnp.square(gi)
         rows_step = (m / (1 - b1 ** count)) / (jnp.sqrt(v / (1 - b2 ** count)) + eps)
@@ -227,7 +232,7 @@ def adam_step(g: jax.Array, mu: Factors, nu: Factors, *, w1, w2, b1, b2, count, 
     def with_new(b: jax.Array, absolute: bool) -> jax.Array:
         def second(acc, xs):
             i, start = xs
-            gi = take(g, start)
+            gi = take_g(start)
             fresh = (start + jnp.arange(rows) >= i * rows)[:, None]  # not in chunk i - 1
             bi = jnp.where(fresh, take(b, start), 0.0)
             return acc + _t(bi) @ (jnp.abs(gi) if absolute else gi), None

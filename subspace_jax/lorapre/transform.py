@@ -31,7 +31,7 @@ from subspace_jax import rules
 from subspace_jax.lorapre import _tree, core
 
 __all__ = ["LoRAPreState", "LoRAPreMuonState", "DimensionNumbers", "Moments", "moments",
-           "CLOCKS", "scale_by_lorapre", "scale_by_lorapre_muon"]
+           "CLOCKS", "GRAD_SCALE", "scale_by_lorapre", "scale_by_lorapre_muon"]
 
 DimensionNumbers = _tree.DimensionNumbers
 
@@ -166,6 +166,8 @@ def check_betas(owner: str, **betas: Any) -> None:
 
 
 CLOCKS = ("unbiased", "paper")
+#: The extra argument :func:`scale_by_lorapre` multiplies the gradients by (a clip's factor).
+GRAD_SCALE = "grad_scale"
 
 
 def check_clock(owner: str, clock: Any) -> None:
@@ -288,6 +290,11 @@ def scale_by_lorapre(rank: int = 8, b1: float = 0.9, b2: float = 0.95, eps: floa
     that leaves the product unchanged; the ``r x r`` damping is relative to the Gram's
     scale.
 
+    The extra argument ``grad_scale`` (:data:`GRAD_SCALE`, a scalar; optax passes extra
+    arguments down chains and partitions) multiplies the gradients inside the row-chunk
+    loop: what :func:`~subspace_jax.lorapre.lorapre`'s ``clip`` uses, so that clipping
+    makes no scaled copy of every gradient matrix.
+
     Note:
         On CPU the ``r x r`` solves and QR run in LAPACK through scipy's OpenBLAS, whose
         threads can fight XLA's on a few shared cores (a 100x slower update was measured
@@ -337,7 +344,7 @@ def scale_by_lorapre(rank: int = 8, b1: float = 0.9, b2: float = 0.95, eps: floa
         return LoRAPreState(count=count, mu=mu, nu=nu)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
         count = _increment(state.count)
         t = count.astype(jnp.float32)
         gamma1, w1 = clock_steps(clock, b1, 2, t)
@@ -345,7 +352,8 @@ def scale_by_lorapre(rank: int = 8, b1: float = 0.9, b2: float = 0.95, eps: floa
         leaves = _leaves("scale_by_lorapre", updates, weight_dimension_numbers)
         out, mus, nus = [], [], []
         one = functools.partial(core.adam_step, w1=w1, w2=w2, b1=b1, b2=b2, count=t,
-                                eps=eps, gamma1=gamma1, gamma2=gamma2, damping=damping)
+                                eps=eps, gamma1=gamma1, gamma2=gamma2, damping=damping,
+                                scale=extra_args.get(GRAD_SCALE, 1.0))
         for (_, g, v), mu, nu in zip(leaves, _factor_list(state.mu), _factor_list(state.nu)):
             gm = v.to_matrix(g.astype(jnp.float32))
             step, mu, nu = (one if gm.ndim == 2 else jax.vmap(one))(gm, mu, nu)
