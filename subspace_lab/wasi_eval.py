@@ -1,8 +1,9 @@
 """WASI on MiniLM, the pieces of its experiment (``subspace-jax run wasi_finetune``).
 
 * :func:`wasi_method` (WASI as a fine-tuning :class:`~subspace_lab.baselines.Method`, from
-  :func:`subspace_jax.wasi.recipe`) and :func:`remat_method` (any method with every encoder
-  layer rematerialised: the memory baseline WASI is compared with);
+  :func:`subspace_jax.wasi.recipe`), :func:`rematerialised` (any layer class under
+  ``nnx.remat``: the memory baseline WASI is compared with) and :func:`remat_method` (any
+  method with every encoder layer rematerialised);
 * the measurements: :func:`residual_report` (residual bytes by kind, and what the converted
   layers keep for backward, measured), :func:`analytic_mlp_bytes` (the paper's count),
   :func:`step_functions` and :func:`measured_run` (a step measured without training);
@@ -26,7 +27,8 @@ from subspace_jax import nn as sjnn
 from subspace_lab import baselines
 from subspace_jax.models import bert, vit
 
-__all__ = ["MLP_RULE", "ATTN_RULE", "calibration_batch", "wasi_method", "RematLayer",
+__all__ = ["MLP_RULE", "ATTN_RULE", "calibration_batch", "wasi_method", "rematerialised",
+           "RematLayer",
            "RematNonLinear", "remat_method", "residual_report", "analytic_mlp_bytes",
            "step_functions", "measured_run", "GridMLP", "GridViT", "vit_case"]
 
@@ -89,33 +91,53 @@ def wasi_method(*, energy: float = 0.9, activation_eps: float | None = 0.9,
     return baselines.Method(name=label, recipe=recipe, lr=lr, quick_lr=quick_lr)
 
 
-class RematLayer(bert.Layer):
-    """A BERT layer whose forward is rematerialised in backward (``nnx.remat``, with the
-    class attribute ``policy``: None recomputes everything but the layer's inputs).
+def rematerialised(cls: type, policy: Any = None) -> type:
+    """A subclass of the module class ``cls`` whose ``__call__`` is rematerialised in
+    backward (``nnx.remat`` with ``policy``: None recomputes everything but the call's
+    inputs): the memory baseline WASI is compared with, for any layer class.
 
-    The state that WASI's forms emit inside (their refreshed activation bases) is collected
-    inside the rematerialised function and returned by it, then emitted again outside: a
-    value may not leave ``jax.checkpoint`` by a side channel."""
+    Array (and module) arguments, positional or keyword, go through ``nnx.remat``; other
+    keyword arguments (flags such as ``deterministic``) stay static. The state that WASI's
+    forms emit inside (their refreshed activation bases) is collected inside the
+    rematerialised function and returned by it, then emitted again outside: a value may
+    not leave ``jax.checkpoint`` by a side channel.
 
-    policy = None
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+        >>> x = jnp.ones((4, 3))
+        >>> want = layer(x)
+        >>> layer.__class__ = rematerialised(nnx.Linear)
+        >>> type(layer).__name__, bool(jnp.allclose(layer(x), want))
+        ('RematLinear', True)
+    """
+    def static(value):
+        return value is None or isinstance(value, (bool, int, float, str))
 
-    def __call__(self, x, mask, *, deterministic, rngs):
-        def body(layer, x, mask, rngs):
+    def __call__(self, *args, **kwargs):
+        fixed = {k: v for k, v in kwargs.items() if static(v)}
+        moving = {k: v for k, v in kwargs.items() if k not in fixed}
+
+        def body(module, args, moving):
             with forms.collect() as emitted:
-                y = bert.Layer.__call__(layer, x, mask, deterministic=deterministic, rngs=rngs)
-            return y, dict(emitted)
+                out = cls.__call__(module, *args, **fixed, **moving)
+            return out, dict(emitted)
 
-        y, emitted = nnx.remat(body, policy=self.policy)(self, x, mask, rngs)
+        out, emitted = nnx.remat(body, policy=policy)(self, args, moving)
         for key, value in emitted.items():
             forms.emit(key, value)
-        return y
+        return out
+
+    return type(f"Remat{cls.__name__}", (cls,), {"__call__": __call__,
+                                                  "__doc__": f"{cls.__name__}, rematerialised."})
 
 
-class RematNonLinear(RematLayer):
-    """Remat of the non-linear parts only: every matmul output without batch dimensions is
-    saved, so GELU, LayerNorm, softmax and the attention products are recomputed."""
-
-    policy = staticmethod(jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+#: A BERT layer rematerialised whole.
+RematLayer = rematerialised(bert.Layer)
+#: Remat of the non-linear parts only: every matmul output without batch dimensions is
+#: saved, so GELU, LayerNorm, softmax and the attention products are recomputed.
+RematNonLinear = rematerialised(bert.Layer, jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
 
 def remat_method(base: baselines.Method | None = None, *, nonlinear: bool = False

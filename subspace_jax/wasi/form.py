@@ -16,9 +16,8 @@ matrix), so the model's own code runs it through the one call path
 
 The refreshed basis leaves the forward through :func:`subspace_jax.forms.emit`, a side channel:
 inside ``jax.checkpoint``/``nnx.remat`` (or a scan), collect it within the transformed
-function, return it, and emit it again outside (as ``RematLayer`` of
-``subspace_lab.experiments.wasi_finetune`` does); a value may not leave a JAX transform
-otherwise.
+function, return it, and emit it again outside (as ``rematerialised`` of
+``subspace_lab.wasi_eval`` does); a value may not leave a JAX transform otherwise.
 
 :class:`WasiMasterKernel` is the ``master`` variant: a full master matrix ``w`` trains, and
 ``a``, ``b`` are frozen and re-derived from it after every step by

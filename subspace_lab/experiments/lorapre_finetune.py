@@ -1,6 +1,6 @@
 """Fine-tune pretrained all-MiniLM-L6-v2 on pydoc topics with the LoRA-Pre optimizer.
 
-    subspace-jax run lorapre_finetune                 # 2 epochs, rank 8 (~15 min, 2 cores)
+    subspace-jax run lorapre_finetune                 # 2 epochs, rank 8 (83 min recorded, 2 shared cores)
     subspace-jax run lorapre_finetune --quick         # a couple of minutes
 
 Every weight trains (as in full fine-tuning); LoRA-Pre keeps the Adam moments of each

@@ -97,3 +97,20 @@ def test_finetune_smoke(mode, tmp_path):
         d, hd, f = TINY.dim, TINY.head_dim, TINY.mlp_hidden
         shapes = [(d, 4 * hd), (d, 2 * hd), (d, 2 * hd), (4 * hd, d), (d, f), (d, f), (f, d)]
         assert result["trainable_params"] == TINY.depth * sum(8 * (a + b) for a, b in shapes)
+
+
+@pytest.mark.parametrize("variant", ["factored", "master"])
+def test_finetune_wasi_smoke(variant):
+    script = experiments.load("gemma_finetune")
+    tokens, types = gemma_loading.toy_vocab(TINY.vocab_size)
+    tok = gemma_tokenizer.build_tokenizer(tokens, types)
+    model = gemma.Gemma(TINY, rngs=nnx.Rngs(0))
+    args = script.parse(["--mode", "wasi", "--wasi-variant", variant, "--steps", "3",
+                         "--seq-len", "16", "--batch-size", "2", "--eval-windows", "2",
+                         "--evals", "1", "--max-bytes", "40000", "--no-progress"])
+    result = script.finetune(model, tok, args)
+    w = result["wasi"]
+    print(variant, w["activation_bytes_full"], w["activation_bytes_kept"], result["val_loss"])
+    assert len(result["history"]["losses"]) == 3 and math.isfinite(result["val_loss"])
+    assert w["layers"] == 7 * TINY.depth and w["variant"] == variant  # every projection
+    assert w["activation_bytes_kept"] < w["activation_bytes_full"]
