@@ -53,8 +53,8 @@ from subspace_jax import forms, measure, nn, rules
 
 __all__ = [
     "History", "split_model", "trainable_mask", "partition", "combine", "init_optimizer",
-    "adamw", "make_train_step", "make_eval_step", "evaluate", "fit", "measure_step",
-    "fit_measured", "cross_entropy", "accuracy", "check_positive", "OPTIMIZER_PROMOTION",
+    "adamw", "make_train_step", "make_eval_step", "evaluate", "fit", "step_residuals",
+    "measure_step", "fit_measured", "cross_entropy", "accuracy", "check_positive", "OPTIMIZER_PROMOTION",
     "Recipe", "Prepared",
 ]
 
@@ -524,6 +524,45 @@ def accuracy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = N
     return (hits * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
+def step_residuals(loss_fn: Callable, graphdef: nnx.GraphDef | None, params: Any, rest: Any,
+                   batch: Any, key: jax.Array, *, mask: Any | None = None) -> measure.Residuals:
+    """What the training step's backward keeps of ``loss_fn``: its residuals differentiated
+    with respect to the trainable part of ``params`` only (frozen leaves are
+    non-differentiated arguments, as in :func:`make_train_step`); nothing is run.
+
+    Freezing a set of kernels in ``mask`` and taking the difference measures what their
+    weight gradients keep (their layers' saved inputs).
+
+    Args:
+        loss_fn, graphdef, params, rest, batch, key: as in :func:`measure_step`.
+        mask: the trainable mask (None: :func:`trainable_mask` of ``params``).
+
+    Returns:
+        :class:`subspace_jax.measure.Residuals`.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> graphdef, params, rest = split_model(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))
+        >>> loss = lambda model, b, key: (model(b) ** 2).mean()
+        >>> x, key = jnp.ones((8, 4)), jax.random.key(0)
+        >>> r = step_residuals(loss, graphdef, params, rest, x, key)
+        >>> frozen = jax.tree.map(lambda _: False, params)
+        >>> r.nbytes_excluding_arguments > step_residuals(loss, graphdef, params, rest, x, key,
+        ...                                               mask=frozen).nbytes_excluding_arguments
+        True
+    """
+    mask = trainable_mask(params) if mask is None else mask
+    trainable, frozen = partition(params, mask)
+
+    def objective(t, f, r, b):
+        with nn.intercept():
+            model = combine(t, f) if graphdef is None else nnx.merge(graphdef, combine(t, f), r)
+            return _split_loss(loss_fn(model, b, key))[0]
+
+    return measure.saved_residuals(objective, trainable, frozen, rest, batch, argnums=0)
+
+
 def measure_step(step: Callable, loss_fn: Callable, graphdef: nnx.GraphDef, params: Any,
                  opt_state: Any, rest: Any, batch: Any, key: jax.Array, *,
                  mask: Any | None = None) -> dict[str, Any]:
@@ -562,15 +601,9 @@ def measure_step(step: Callable, loss_fn: Callable, graphdef: nnx.GraphDef, para
         (True, 10)
     """
     mask = trainable_mask(params) if mask is None else mask
-    trainable, frozen = partition(params, mask)
-
-    def objective(t, f, r, b):
-        with nn.intercept():
-            model = combine(t, f) if graphdef is None else nnx.merge(graphdef, combine(t, f), r)
-            return _split_loss(loss_fn(model, b, key))[0]
-
+    trainable, _ = partition(params, mask)
     memory = measure.compiled_memory(step, params, opt_state, rest, batch, key)
-    residuals = measure.saved_residuals(objective, trainable, frozen, rest, batch, argnums=0)
+    residuals = step_residuals(loss_fn, graphdef, params, rest, batch, key, mask=mask)
     flops = measure.flops(step, params, opt_state, rest, batch, key)
     return {"compiled_memory": dataclasses.asdict(memory),
             "residual_bytes": residuals.nbytes_excluding_arguments,

@@ -66,7 +66,7 @@ LR = {"full": 2e-5, "lora": 5e-4, "lorapre": 2e-5, "galore": 2e-5, "wasi": 2e-5}
 GALORE_GAP = 200
 WASI_MLP = r"blocks/\d+/mlp/(gate|up|down)/kernel"
 WASI_ATTENTION = r"blocks/\d+/attn/(q|k|v|o)/kernel"
-WASI_DEFAULTS = dict(wasi_variant="factored", wasi_energy=0.9, wasi_eps=0.9, wasi_attention="yes")
+WASI_DEFAULTS = dict(wasi_variant="factored", wasi_energy=0.99, wasi_eps=0.9, wasi_attention="yes")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -187,9 +187,10 @@ def optimizer(mode: str, lr: float, steps: int, *, rank: int,
                 "scale": 1.0, "equal_state_to_lorapre_rank": rank}
 
 
-def finetune(model: gemma.Gemma, tokenizer, args: argparse.Namespace) -> dict:
-    """Train ``model`` (consumed) on the corpus as ``args`` say; the JSON-ready result."""
-    start = time.perf_counter()
+def task_data(tokenizer, args: argparse.Namespace):
+    """``(corpus, train_windows, val_windows, batches)`` of the task as ``args`` set it
+    (``max_bytes``, ``seq_len``, ``eval_windows``, ``batch_size``, ``steps``, ``seed``):
+    the batches iterate over enough epochs for ``steps``."""
     corpus = gemma_corpus.load_tokenized_corpus(tokenizer, eos_id=EOS, content="source",
                                                 max_bytes=args.max_bytes, seed=args.seed)
     windows, _ = gemma_corpus.bos_windows(corpus.streams["train"], args.seq_len, BOS)
@@ -197,6 +198,13 @@ def finetune(model: gemma.Gemma, tokenizer, args: argparse.Namespace) -> dict:
                                       args.eval_windows)
     epochs = math.ceil(args.steps / max(len(windows) // args.batch_size, 1))
     batches = batching.batches(windows, args.batch_size, seed=args.seed, epochs=epochs)
+    return corpus, windows, val, batches
+
+
+def finetune(model: gemma.Gemma, tokenizer, args: argparse.Namespace) -> dict:
+    """Train ``model`` (consumed) on the corpus as ``args`` say; the JSON-ready result."""
+    start = time.perf_counter()
+    corpus, windows, val, batches = task_data(tokenizer, args)
     post_update, described_wasi = None, {}
     if args.mode == "wasi":  # calibrated on the first training batch, which then trains
         first = next(batches)
@@ -257,12 +265,29 @@ def finetune(model: gemma.Gemma, tokenizer, args: argparse.Namespace) -> dict:
             "history": history.as_dict(), "total_seconds": time.perf_counter() - start}
 
 
+def result_name(args: argparse.Namespace) -> str:
+    """The result file stem of a run: ``gemma_finetune_<mode>``, WASI's variant and a
+    weight eps other than the default appended (``gemma_finetune_wasi_master_e0.9``).
+
+    Examples:
+        >>> result_name(parse(["--mode", "wasi", "--wasi-variant", "master"]))
+        'gemma_finetune_wasi_master'
+        >>> result_name(parse(["--mode", "wasi", "--wasi-energy", "0.9", "--quick"]))
+        'gemma_finetune_wasi_e0.9_quick'
+    """
+    name = f"gemma_finetune_{args.mode}"
+    if args.mode == "wasi":
+        name += "_master" if args.wasi_variant == "master" else ""
+        if args.wasi_energy != WASI_DEFAULTS["wasi_energy"]:
+            name += f"_e{args.wasi_energy:g}"
+    return name + ("_quick" if args.quick else "")
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     model, tokenizer = gemma.from_pretrained()
     result = finetune(model, tokenizer, args)
-    mode = args.mode + ("_master" if args.mode == "wasi" and args.wasi_variant == "master" else "")
-    name = args.name or f"gemma_finetune_{mode}" + ("_quick" if args.quick else "")
+    name = args.name or result_name(args)
     path = records.write_result(name, result, results_dir=args.results_dir)
     hist = result["history"]
     evals = [(0, result["val_loss_before"])] + [(e["step"], e["val_loss"]) for e in hist["evals"]]

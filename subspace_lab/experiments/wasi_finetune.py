@@ -7,8 +7,10 @@
 Every run fine-tunes the same pretrained all-MiniLM-L6-v2 with the same steps, seed, batches
 and evaluation texts (:func:`subspace_lab.baselines.train_text_classifier`). WASI's headline
 is eps 0.9 for the weights and the activations (``wasi``); ``wasi_knap`` takes the paper's
-calibration table and knapsack under 5% of the full activation bytes instead, and
-``wasi_master`` the paper code's master-weight variant. WASI trains at its own lr, 1e-4
+calibration table and knapsack under 5% of the full activation bytes instead,
+``wasi_knap_min`` the paper's scripts' setting (a budget of 0, below every total, so every
+layer gets its smallest option), and ``wasi_master`` the paper's algorithm (a master weight,
+one subspace-iteration step a step). WASI trains at its own lr, 1e-4
 (picked on validation); ``--wasi-lr`` adds ``wasi_lr<LR>``, ``wasi_knap_lr<LR>`` and
 ``wasi_master_lr<LR>`` at other learning rates. Per run it
 records accuracy, the whole-step compiled memory and the residuals saved for backward with

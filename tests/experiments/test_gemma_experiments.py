@@ -1,6 +1,7 @@
 """The Gemma experiments (``subspace-jax run gemma_eval`` / ``gemma_finetune``) on a tiny
 random model, and the demo's Gemma rows."""
 
+import json
 import math
 from pathlib import Path
 
@@ -114,3 +115,25 @@ def test_finetune_wasi_smoke(variant):
     assert len(result["history"]["losses"]) == 3 and math.isfinite(result["val_loss"])
     assert w["layers"] == 7 * TINY.depth and w["variant"] == variant  # every projection
     assert w["activation_bytes_kept"] < w["activation_bytes_full"]
+
+
+def test_wasi_gemma_smoke(tmp_path, capsys):
+    """The same-process measurement on the tiny model: remat keeps only the blocks' inputs,
+    WASI's converted layers keep exactly their Tucker cores and factors."""
+    script = experiments.load("wasi_gemma")
+    assert script.main(["--tiny", "--only", "vanilla", "remat", "wasi", "--repeats", "1",
+                        "--truncation", "1.0", "0.5", "--no-progress", "--results-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "wasi_gemma_tiny.json").read_text())
+    rows = result["variants"]
+    print(capsys.readouterr().out)
+    assert list(rows) == ["vanilla", "remat", "wasi"]
+    assert rows["remat"]["residual_bytes"] < rows["vanilla"]["residual_bytes"] / 5
+    assert rows["remat"]["converted_activation_bytes"] == 0  # nothing kept inside a block
+    assert rows["vanilla"]["converted_activation_bytes"] > 0
+    assert rows["wasi"]["converted_activation_bytes"] == result["activation_bytes_kept_analytic"]
+    assert rows["wasi"]["step_ratio_vs_vanilla"] > 0 and rows["vanilla"]["flops_inference"] > 0
+    assert (tmp_path / "wasi_gemma_tiny.png").exists()
+    dense, full_rank, *truncated = result["truncation"]
+    assert full_rank["energy"] == 1.0 and full_rank["layers"] == "all"
+    assert full_rank["val_loss"] == pytest.approx(dense["val_loss"], rel=1e-5)
+    assert [r["layers"] for r in truncated] == ["all", "mlp", "attention"]
