@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,7 +30,8 @@ from subspace_jax.models import bert, vit
 
 __all__ = ["MLP_RULE", "ATTN_RULE", "calibration_batch", "wasi_method", "rematerialised",
            "RematLayer",
-           "RematNonLinear", "remat_method", "residual_report", "analytic_mlp_bytes",
+           "RematNonLinear", "remat_method", "freeze", "tucker_bytes", "converted_bytes",
+           "residual_report", "analytic_mlp_bytes",
            "step_functions", "measured_run", "GridMLP", "GridViT", "vit_case"]
 
 MLP_RULE = r"bert/encoder/layers/\d+/mlp/(up|down)/kernel"
@@ -185,10 +187,26 @@ def _objective(graphdef, loss_fn, key):
     return objective
 
 
-def _freeze_mlp(mask):
-    pattern = rules.Rule(pattern=MLP_RULE)
+def freeze(mask: Any, patterns: list[str]) -> Any:
+    """``mask`` with every leaf under a path matching one of ``patterns`` frozen."""
+    selected = [rules.Rule(pattern=p) for p in patterns]
     return rules.map_with_path(
-        lambda path, v: jax.tree.map(lambda _: False, v) if pattern.matches(path) else v, mask)
+        lambda path, v: jax.tree.map(lambda _: False, v)
+        if any(r.matches(path) for r in selected) else v, mask)
+
+
+def tucker_bytes(residuals: measure.Residuals) -> int:
+    """Bytes of WASI's Tucker residuals (cores and factors) among ``residuals``."""
+    return sum(r.nbytes for r in residuals.items if "'compress'" in r.source)
+
+
+def converted_bytes(residuals: measure.Residuals, frozen: Callable[[], measure.Residuals]
+                    ) -> int:
+    """The converted layers' saved activations, measured: WASI's Tucker residuals, else
+    what freezing their kernels removes (``frozen()``: the residuals with them frozen,
+    called only then)."""
+    return tucker_bytes(residuals) or (residuals.nbytes_excluding_arguments
+                                       - frozen().nbytes_excluding_arguments)
 
 
 def residual_report(run: baselines.Run, method: baselines.Method, cfg, batch,
@@ -211,12 +229,7 @@ def residual_report(run: baselines.Run, method: baselines.Method, cfg, batch,
         if not r.is_input:
             kind = _kind(r.shape, r.source, b, t)
             kinds[kind] = kinds.get(kind, 0) + r.nbytes
-    tucker = kinds.get("tucker (WASI core + factors)", 0)
-    if tucker:
-        mlp_measured = tucker
-    else:
-        mlp_measured = res.nbytes_excluding_arguments - residuals(
-            _freeze_mlp(mask)).nbytes_excluding_arguments
+    mlp_measured = converted_bytes(res, lambda: residuals(freeze(mask, [MLP_RULE])))
     return {"residual_bytes_by_kind": kinds, "mlp_activation_bytes_measured": mlp_measured}
 
 
@@ -325,9 +338,8 @@ def vit_case(steps: int, seed: int, repeats: int, batch_size: int = 64) -> dict[
         params, _, rest, _ = train.fit(step, params, opt, rest, batches, num_steps=steps,
                                        key=key, progress=False)
         logits = nnx.merge(graphdef, params, rest, copy=True)(jnp.asarray(digits.test.x))
-        tucker = sum(r.nbytes for r in measure.saved_residuals(
-            lambda p: loss(nnx.merge(graphdef, p, rest, copy=True), calib, key), params).items
-            if "'compress'" in r.source)
+        tucker = tucker_bytes(measure.saved_residuals(
+            lambda p: loss(nnx.merge(graphdef, p, rest, copy=True), calib, key), params))
         plans = wasi.plans(m)
         out[name] = {"test_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == digits.test.y)),
                      "compiled_memory": res["compiled_memory"],

@@ -168,26 +168,6 @@ def truncation_losses(model: gemma.Gemma, batch: jax.Array, val: jax.Array, args
     return rows
 
 
-def _freeze(mask: Any, patterns: list[str]) -> Any:
-    """``mask`` with every leaf under a path matching one of ``patterns`` frozen."""
-    selected = [rules.Rule(pattern=p) for p in patterns]
-
-    def one(path, value):
-        if any(r.matches(path) for r in selected):
-            return jax.tree.map(lambda _: False, value)
-        return value
-    return rules.map_with_path(one, mask)
-
-
-def _converted_bytes(residuals: measure.Residuals, frozen: measure.Residuals) -> int:
-    """The converted layers' saved activations: WASI's Tucker residuals, else what
-    freezing their kernels removes."""
-    tucker = sum(r.nbytes for r in residuals.items if "'compress'" in r.source)
-    if tucker:
-        return tucker
-    return residuals.nbytes_excluding_arguments - frozen.nbytes_excluding_arguments
-
-
 def measure_variants(models: dict[str, nnx.Module], batch: jax.Array, args,
                      names=VARIANTS) -> dict[str, Any]:
     """Every variant of ``names`` measured; step and inference times side by side."""
@@ -209,9 +189,9 @@ def measure_variants(models: dict[str, nnx.Module], batch: jax.Array, args,
         row = train.measure_step(step, loss_fn, graphdef, params, opt, rest, batch, key,
                                  mask=mask)
         res = train.step_residuals(loss_fn, graphdef, params, rest, batch, key, mask=mask)
-        frozen = train.step_residuals(loss_fn, graphdef, params, rest, batch, key,
-                                      mask=_freeze(mask, _patterns(args)))
-        row["converted_activation_bytes"] = _converted_bytes(res, frozen)
+        row["converted_activation_bytes"] = wasi_eval.converted_bytes(
+            res, lambda: train.step_residuals(loss_fn, graphdef, params, rest, batch, key,
+                                              mask=wasi_eval.freeze(mask, _patterns(args))))
         plain = wasi.export(models[name]) if name.startswith("wasi") else models[name]
         igraph, iparams, irest = train.split_model(plain)
 
